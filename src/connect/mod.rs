@@ -1,0 +1,5 @@
+//! Establishing new connections: the transport dial and the TLS handshake.
+
+pub(crate) mod openssl_ext;
+pub(crate) mod tcp;
+pub(crate) mod tls;

@@ -1,0 +1,101 @@
+//! The OpenSSL calls the `openssl` crate does not expose safely. The only `unsafe` in the
+//! crate lives here, one small function per call, each with its `// SAFETY:` argument.
+#![allow(unsafe_code, reason = "thin wrappers over OpenSSL calls the openssl crate lacks")]
+
+use std::ffi::{c_char, c_int, c_void, CString};
+
+use foreign_types_shared::ForeignTypeRef;
+use openssl::error::ErrorStack;
+use openssl::ssl::{SslRef, SslSessionRef};
+use openssl::x509::store::X509StoreRef;
+use openssl::x509::verify::X509VerifyParamRef;
+
+extern "C" {
+    // In libcrypto since 1.0.2; openssl-sys does not declare it. openssl-sys already links
+    // libcrypto, so declaring the symbol is enough.
+    fn X509_VERIFY_PARAM_add1_host(
+        param: *mut openssl_sys::X509_VERIFY_PARAM,
+        name: *const c_char,
+        namelen: usize,
+    ) -> c_int;
+}
+
+/// Uses `store` to verify this connection's peer, taking a reference on it
+/// (`SSL_set1_verify_cert_store`), so one cached store serves every handshake of a CA set.
+pub(crate) fn set_verify_cert_store(ssl: &mut SslRef, store: &X509StoreRef) -> Result<(), ErrorStack> {
+    // SAFETY: both pointers come from live owned wrappers. SSL_ctrl with
+    // SSL_CTRL_SET_VERIFY_CERT_STORE and larg = 1 is the "set1" variant: OpenSSL takes its own
+    // reference on the store, so the store outliving this call is not required.
+    let rc = unsafe {
+        openssl_sys::SSL_ctrl(
+            ssl.as_ptr(),
+            openssl_sys::SSL_CTRL_SET_VERIFY_CERT_STORE,
+            1,
+            store.as_ptr() as *mut c_void,
+        )
+    };
+    if rc > 0 {
+        Ok(())
+    } else {
+        Err(ErrorStack::get())
+    }
+}
+
+/// Adds one more acceptable hostname to the verify parameters (`X509_VERIFY_PARAM_add1_host`);
+/// the `openssl` crate only has `set_host`, which replaces the list.
+pub(crate) fn add_host(param: &mut X509VerifyParamRef, host: &str) -> Result<(), ErrorStack> {
+    // SAFETY: the pointer is a live X509_VERIFY_PARAM owned by the SSL; name/namelen describe
+    // a valid byte slice that OpenSSL copies ("add1"). An empty name would clear the list, so
+    // callers never pass one (checked here too).
+    if host.is_empty() {
+        return Ok(());
+    }
+    let rc = unsafe {
+        X509_VERIFY_PARAM_add1_host(param.as_ptr(), host.as_ptr() as *const c_char, host.len())
+    };
+    if rc == 1 {
+        Ok(())
+    } else {
+        Err(ErrorStack::get())
+    }
+}
+
+/// Restricts the key-exchange groups of one connection (`SSL_set1_groups_list`).
+pub(crate) fn set_groups_list(ssl: &mut SslRef, groups: &str) -> Result<(), ErrorStack> {
+    let groups = CString::new(groups).map_err(|_| ErrorStack::get())?;
+    // SAFETY: a live SSL and a NUL-terminated string; OpenSSL parses and copies the list.
+    let rc = unsafe { openssl_sys::SSL_set1_groups_list(ssl.as_ptr(), groups.as_ptr()) };
+    if rc > 0 {
+        Ok(())
+    } else {
+        Err(ErrorStack::get())
+    }
+}
+
+/// Offers a cached session for resumption.
+///
+/// The session must come from the same `SSL_CTX` as `ssl`. It does: each
+/// [`crate::Connector`] has exactly one `SslConnector` (one `SSL_CTX`) and its own session
+/// cache, and the cache is only filled by that context's new-session callback.
+pub(crate) fn set_session(ssl: &mut SslRef, session: &SslSessionRef) -> Result<(), ErrorStack> {
+    // SAFETY: `SslRef::set_session` requires that the session was created by the same context
+    // as `ssl`; the per-connector cache guarantees that (see above).
+    unsafe { ssl.set_session(session) }
+}
+
+/// Marks the connection as shut down in both directions without sending anything.
+///
+/// `SSL_free` on a connection that was not shut down removes its session from the cache and
+/// flags it not resumable; a proxy that just drops a healthy connection must not lose the
+/// session other connections will resume from.
+pub(crate) fn mark_shut_down(ssl: &SslRef) {
+    // SAFETY: a live SSL owned by the caller's stream, which is being dropped and is not used
+    // concurrently; SSL_set_shutdown only stores the flags (SslRef is an opaque, interior
+    // mutable handle, so writing through a shared reference is sound).
+    unsafe {
+        openssl_sys::SSL_set_shutdown(
+            ssl.as_ptr(),
+            openssl_sys::SSL_SENT_SHUTDOWN | openssl_sys::SSL_RECEIVED_SHUTDOWN,
+        )
+    }
+}

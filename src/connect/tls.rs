@@ -1,0 +1,303 @@
+//! The TLS handshake: one shared `SslConnector`, per-connection settings from the peer.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use dashmap::DashMap;
+use openssl::ex_data::Index;
+use openssl::ssl::{
+    ErrorCode, Ssl, SslConnector, SslMethod, SslSessionCacheMode, SslVerifyMode, SslVersion,
+};
+use openssl::x509::store::{X509Store, X509StoreBuilder};
+use openssl::x509::X509VerifyResult;
+use tokio::time::Instant;
+use tokio_openssl::SslStream;
+
+use crate::connect::openssl_ext;
+use crate::connect::tcp::RawStream;
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::PeerKey;
+use crate::peer::{CaSet, Peer};
+use crate::session_cache::SessionCache;
+
+/// TLS 1.2 ciphers: forward-secret AEADs and CBC suites, nothing weak. TLS 1.3 suites are
+/// all acceptable and keep OpenSSL's default.
+const CIPHER_LIST: &str = "HIGH:!aNULL:!eNULL:!MD5:!SHA1:!3DES:!DES:!RC4:!IDEA:!SEED:!CAMELLIA:!aDSS:!SRP:!PSK:!kRSA";
+/// Signature algorithms: no SHA-1 (nor MD5); RSA-PSS, ECDSA and EdDSA with SHA-2.
+const SIGALGS: &str = "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:ed25519:ed448:\
+rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:\
+rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512:RSA+SHA256:RSA+SHA384:RSA+SHA512";
+/// `X509_V_ERR_INVALID_CALL`: the verify result was never set (no verification ran).
+const X509_V_ERR_INVALID_CALL: i32 = openssl_sys::X509_V_ERR_INVALID_CALL;
+
+/// Where the peer key is attached to each `SSL`, so the new-session callback knows which
+/// peer a session belongs to. One index for the process: OpenSSL never frees them.
+fn peer_key_index() -> Result<Index<Ssl, PeerKey>> {
+    static INDEX: OnceLock<std::result::Result<Index<Ssl, PeerKey>, String>> = OnceLock::new();
+    INDEX
+        .get_or_init(|| Ssl::new_ex_index().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| Error::internal(format!("cannot allocate SSL ex_data index: {e}")))
+}
+
+/// Performs client handshakes for one [`crate::Connector`].
+pub(crate) struct TlsConnector {
+    connector: SslConnector,
+    /// Verify stores, built once per distinct CA set (by fingerprints) and shared.
+    stores: DashMap<Arc<[[u8; 32]]>, Arc<X509Store>>,
+    sessions: Option<Arc<SessionCache>>,
+    key_index: Index<Ssl, PeerKey>,
+}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("ca_stores", &self.stores.len())
+            .field("session_cache", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A finished handshake.
+pub(crate) struct Handshake {
+    pub(crate) stream: SslStream<RawStream>,
+    pub(crate) resumed: bool,
+}
+
+impl TlsConnector {
+    /// Builds the shared context: TLS 1.2 minimum, no weak ciphers or SHA-1 signatures, the
+    /// system roots, and (when `session_cache_size > 0`) a client session cache fed by the
+    /// new-session callback.
+    pub(crate) fn new(session_cache_size: usize) -> Result<TlsConnector> {
+        let tls_err = |what: &str, e: openssl::error::ErrorStack| {
+            Error::internal(format!("cannot build the TLS context ({what}): {e}"))
+        };
+        let mut builder =
+            SslConnector::builder(SslMethod::tls_client()).map_err(|e| tls_err("context", e))?;
+        builder
+            .set_min_proto_version(Some(SslVersion::TLS1_2))
+            .map_err(|e| tls_err("min version", e))?;
+        builder
+            .set_cipher_list(CIPHER_LIST)
+            .map_err(|e| tls_err("ciphers", e))?;
+        builder
+            .set_sigalgs_list(SIGALGS)
+            .map_err(|e| tls_err("signature algorithms", e))?;
+        let key_index = peer_key_index()?;
+        let sessions = if session_cache_size > 0 {
+            let cache = Arc::new(SessionCache::new(session_cache_size));
+            let feed = Arc::clone(&cache);
+            // CLIENT turns the callback on; NO_INTERNAL keeps OpenSSL's own (unbounded,
+            // hostname-unaware) store out of the way.
+            builder.set_session_cache_mode(SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL);
+            builder.set_new_session_callback(move |ssl, session| {
+                if let Some(key) = ssl.ex_data(key_index) {
+                    feed.put(key.clone(), session);
+                }
+            });
+            Some(cache)
+        } else {
+            builder.set_session_cache_mode(SslSessionCacheMode::OFF);
+            None
+        };
+        Ok(TlsConnector {
+            connector: builder.build(),
+            stores: DashMap::new(),
+            sessions,
+            key_index,
+        })
+    }
+
+    fn store_for(&self, ca: &CaSet) -> Result<Arc<X509Store>> {
+        if let Some(store) = self.stores.get(&ca.fingerprints) {
+            return Ok(Arc::clone(&store));
+        }
+        let mut builder = X509StoreBuilder::new()
+            .map_err(|e| Error::internal(format!("cannot create a verify store: {e}")))?;
+        for cert in ca.certs.iter() {
+            builder
+                .add_cert(cert.clone())
+                .map_err(|e| Error::config(format!("cannot add CA certificate to the verify store: {e}")))?;
+        }
+        let store = Arc::new(builder.build());
+        Ok(Arc::clone(
+            &self
+                .stores
+                .entry(ca.fingerprints.clone())
+                .or_insert(store),
+        ))
+    }
+
+    /// Runs the client handshake on `raw` until `deadline`.
+    ///
+    /// # Errors
+    /// `InvalidCert` when verification failed, `TlsHandshakeTimedout` past the deadline,
+    /// `TlsHandshakeFailure` for everything else; `InvalidConfig` if the peer's settings could
+    /// not be applied. Messages name the peer and carry OpenSSL's reason.
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the half-open connection; nothing is cached from it.
+    pub(crate) async fn handshake(
+        &self,
+        raw: RawStream,
+        peer: &Peer,
+        key: &PeerKey,
+        deadline: Instant,
+        resume: bool,
+    ) -> Result<Handshake> {
+        let s = peer.settings();
+        let sni = s.sni.as_deref().unwrap_or("");
+        let config_err = |what: &str, e: openssl::error::ErrorStack| {
+            Error::config(format!("cannot apply {what}: {e}")).with_peer(peer.describe())
+        };
+        let mut cfg = self
+            .connector
+            .configure()
+            .map_err(|e| Error::internal(format!("cannot create SSL: {e}")))?;
+
+        if let Some(ca) = &s.ca {
+            let store = self.store_for(ca)?;
+            openssl_ext::set_verify_cert_store(&mut cfg, &store).map_err(|e| config_err("CA store", e))?;
+        }
+        if let Some(cert) = &s.client_cert {
+            cfg.set_certificate(cert.leaf())
+                .map_err(|e| config_err("client certificate", e))?;
+            cfg.set_private_key(cert.key())
+                .map_err(|e| config_err("client key", e))?;
+            for intermediate in cert.intermediates() {
+                cfg.add_chain_cert(intermediate.clone())
+                    .map_err(|e| config_err("client intermediate certificate", e))?;
+            }
+        }
+        if let Some(curves) = &s.curves {
+            openssl_ext::set_groups_list(&mut cfg, curves).map_err(|e| config_err("curves", e))?;
+        }
+
+        if sni.is_empty() {
+            // No name to check against; like nginx, do not verify at all in that case.
+            cfg.set_use_server_name_indication(false);
+            cfg.set_verify(SslVerifyMode::NONE);
+        } else if s.verify_cert {
+            if s.verify_hostname {
+                let param = cfg.param_mut();
+                if let Ok(ip) = sni.parse::<IpAddr>() {
+                    param.set_ip(ip).map_err(|e| config_err("IP to verify", e))?;
+                } else {
+                    for host in accepted_hostnames(sni, s.alternative_cn.as_deref()) {
+                        openssl_ext::add_host(param, &host).map_err(|e| config_err("hostname to verify", e))?;
+                    }
+                }
+            }
+            cfg.set_verify(SslVerifyMode::PEER);
+        } else {
+            cfg.set_verify(SslVerifyMode::NONE);
+        }
+        // Hostnames were added above; OpenSSL's own setting would replace that list with the
+        // SNI alone.
+        cfg.set_verify_hostname(false);
+
+        if let Some(alpn) = &s.alpn {
+            cfg.set_alpn_protos(alpn.to_wire())
+                .map_err(|e| config_err("ALPN", e))?;
+        }
+
+        let mut offered = None;
+        if resume {
+            if let Some(cache) = &self.sessions {
+                cfg.set_ex_data(self.key_index, key.clone());
+                if let Some(session) = cache.get(key) {
+                    // A session that cannot be set is simply not offered.
+                    if openssl_ext::set_session(&mut cfg, &session).is_ok() {
+                        offered = Some(session);
+                    }
+                }
+            }
+        }
+
+        let ssl = cfg
+            .into_ssl(sni)
+            .map_err(|e| config_err("SNI", e))?;
+        let mut stream = SslStream::new(ssl, raw)
+            .map_err(|e| Error::internal(format!("cannot create TLS stream: {e}")))?;
+
+        match tokio::time::timeout_at(deadline, Pin::new(&mut stream).connect()).await {
+            Err(_) => Err(Error::new(
+                ErrorKind::TlsHandshakeTimedout,
+                "handshake did not finish within the total connection timeout",
+            )
+            .with_peer(peer.describe())),
+            Ok(Err(e)) => Err(classify_failure(&stream, &e).with_peer(peer.describe())),
+            Ok(Ok(())) => {
+                let resumed = stream.ssl().session_reused();
+                if let (Some(session), false, Some(cache)) = (&offered, resumed, &self.sessions) {
+                    cache.discard(key, session);
+                }
+                Ok(Handshake { stream, resumed })
+            }
+        }
+    }
+}
+
+/// A failed chain or hostname check is `InvalidCert`; every other failure is a handshake
+/// failure (a reset or EOF mid-handshake included: the server is not speaking TLS to us).
+fn classify_failure(stream: &SslStream<RawStream>, e: &openssl::ssl::Error) -> Error {
+    let verify = stream.ssl().verify_result();
+    let verify_failed = verify != X509VerifyResult::OK && verify.as_raw() != X509_V_ERR_INVALID_CALL;
+    if e.code() == ErrorCode::SSL && verify_failed {
+        return Error::new(ErrorKind::InvalidCert, verify.error_string().to_string());
+    }
+    let reason = match (e.ssl_error(), e.io_error()) {
+        (Some(stack), _) => stack.to_string(),
+        (None, Some(io)) => format!("I/O error during handshake: {io}"),
+        (None, None) if e.code() == ErrorCode::SYSCALL => {
+            "the server closed the connection during the handshake".to_string()
+        }
+        (None, None) => e.to_string(),
+    };
+    Error::new(ErrorKind::TlsHandshakeFailure, reason)
+}
+
+/// The names a certificate may carry for this peer: the SNI, the alternative CN, and for each
+/// the variant with underscores in the leftmost label replaced by `-` (underscores are not
+/// valid in DNS hostnames, so certificates are issued for the dashed form).
+pub(crate) fn accepted_hostnames(sni: &str, alternative_cn: Option<&str>) -> Vec<String> {
+    let mut names = Vec::with_capacity(4);
+    for name in std::iter::once(sni).chain(alternative_cn) {
+        if name.is_empty() {
+            continue;
+        }
+        names.push(name.to_string());
+        if let Some(dashed) = replace_leftmost_underscores(name) {
+            names.push(dashed);
+        }
+    }
+    names
+}
+
+fn replace_leftmost_underscores(name: &str) -> Option<String> {
+    let (first, rest) = name.split_once('.').unwrap_or((name, ""));
+    if !first.contains('_') {
+        return None;
+    }
+    let first = first.replace('_', "-");
+    Some(if rest.is_empty() && !name.contains('.') {
+        first
+    } else {
+        format!("{first}.{rest}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn underscore_variant_only_touches_leftmost_label() {
+        assert_eq!(
+            accepted_hostnames("a_b.c_d.test", Some("x_y")),
+            vec!["a_b.c_d.test", "a-b.c_d.test", "x_y", "x-y"]
+        );
+        assert_eq!(accepted_hostnames("plain.test", None), vec!["plain.test"]);
+    }
+}

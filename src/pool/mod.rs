@@ -1,0 +1,326 @@
+//! The keyed pool: idle connections per exact [`PeerKey`], caps, waiters and eviction.
+//!
+//! Layout and locking:
+//! - `Pool::keys` maps each key to its [`KeyPool`]. Lookups hold the map shard's read lock
+//!   while they take a slot or an idle connection, and the reaper removes an unused
+//!   `KeyPool` only under the shard's write lock after checking it is empty, so nobody can
+//!   take a slot in a `KeyPool` that is being removed. Lock order: map shard, then
+//!   `KeyPool::state`; never the other way.
+//! - `KeyPool::state` guards the idle list (LIFO), the connection count and the waiters of one
+//!   key. Connections are never dropped while it is held: dropping one frees its slot, which
+//!   takes the same lock.
+//! - Gauges and the global idle count are kept by each connection's [`Lease`].
+
+mod lease;
+mod reaper;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+pub(crate) use lease::{Handoff, Lease, LeaseState, Slot};
+
+use crate::key::{PeerKey, PrehashedState};
+use crate::metrics::{EvictionReason, PeerMetrics};
+use crate::peer::Peer;
+use crate::stream::{Connection, Liveness};
+
+/// The pool's limits, copied from `ConnectorOptions`.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_idle_per_peer: usize,
+    pub(crate) max_idle_total: usize,
+    pub(crate) max_connections_per_peer: Option<usize>,
+    pub(crate) max_uses: Option<u32>,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) reap_interval: Duration,
+    pub(crate) peer_label: bool,
+}
+
+/// All idle connections of one connector, by key.
+pub(crate) struct Pool {
+    keys: DashMap<PeerKey, Arc<KeyPool>, PrehashedState>,
+    /// Idle connections across all keys, for `max_idle_total`; shared with every `KeyPool`.
+    idle_total: Arc<AtomicUsize>,
+    limits: Limits,
+    reaper_started: AtomicBool,
+}
+
+/// One key's connections.
+pub(crate) struct KeyPool {
+    /// `address SNI "name"`, for error messages and traces.
+    pub(crate) description: String,
+    pub(crate) metrics: PeerMetrics,
+    idle_total: Arc<AtomicUsize>,
+    state: Mutex<KeyState>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    /// Most recently released at the back; hand out from the back so surplus connections
+    /// age out at the front.
+    idle: VecDeque<Idle>,
+    /// Slots taken: dialling + in use + idle.
+    total: usize,
+    /// Oldest first. A sender whose receiver is gone is skipped when offered to.
+    waiters: VecDeque<oneshot::Sender<Handoff>>,
+}
+
+struct Idle {
+    conn: Connection,
+    since: Instant,
+}
+
+/// The outcome of one look at a key's pool.
+pub(crate) enum Checkout {
+    /// An idle connection, already checked for liveness and expiry and marked active.
+    Reused(Connection),
+    /// No idle connection; a slot was taken for a new dial.
+    Dial(Slot),
+    /// At `max_connections_per_peer`; wait on this for a connection or a slot.
+    Wait(oneshot::Receiver<Handoff>, Arc<KeyPool>),
+}
+
+impl Pool {
+    pub(crate) fn new(limits: Limits) -> Pool {
+        Pool {
+            keys: DashMap::with_hasher(PrehashedState::default()),
+            idle_total: Arc::new(AtomicUsize::new(0)),
+            limits,
+            reaper_started: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes an idle connection, a dial slot, or a place in the queue for `peer`'s key.
+    ///
+    /// Idle connections that are closed, have unread data or have expired are evicted on the
+    /// way; the common case costs no syscall.
+    pub(crate) fn checkout(&self, key: &PeerKey, peer: &Peer) -> Checkout {
+        loop {
+            let max = self.limits.max_connections_per_peer;
+            let (found, expired) = match self.keys.get(key) {
+                Some(key_pool) => key_pool.checkout_locked(max),
+                None => self
+                    .keys
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                    .checkout_locked(max),
+            };
+            // Dropped here, outside every lock.
+            drop(expired);
+            let Checkout::Reused(mut conn) = found else {
+                return found;
+            };
+            if let Some(reason) = self.unusable(&mut conn, Instant::now()) {
+                conn.lease.key_pool.metrics.evicted(reason);
+                tracing::debug!(peer = %conn.lease.peer_description(), reason = reason.as_str(), "evicted at checkout");
+                continue;
+            }
+            conn.lease.set_state(LeaseState::Active);
+            return Checkout::Reused(conn);
+        }
+    }
+
+    fn new_key_pool(&self, peer: &Peer) -> KeyPool {
+        KeyPool {
+            description: peer.describe(),
+            metrics: PeerMetrics::new(self.limits.peer_label.then(|| peer.name())),
+            idle_total: Arc::clone(&self.idle_total),
+            state: Mutex::new(KeyState::default()),
+        }
+    }
+
+    /// Why an idle connection must not be handed out, if it must not.
+    fn unusable(&self, conn: &mut Connection, now: Instant) -> Option<EvictionReason> {
+        if let Some(max) = self.limits.max_lifetime {
+            if now.saturating_duration_since(conn.lease.created) >= max {
+                return Some(EvictionReason::MaxLifetime);
+            }
+        }
+        match conn.liveness() {
+            Liveness::Alive => None,
+            Liveness::Closed => Some(EvictionReason::Closed),
+            Liveness::UnexpectedData => Some(EvictionReason::UnexpectedData),
+        }
+    }
+
+    /// Returns a connection: to the oldest waiter for its key, else to the idle list, unless
+    /// it is no longer reusable. Evicts beyond the idle caps.
+    pub(crate) fn release(self: &Arc<Self>, mut conn: Connection) {
+        let now = Instant::now();
+        let retire = match self.limits.max_uses {
+            Some(max) if conn.lease.uses >= max => Some(EvictionReason::MaxUses),
+            _ => self.unusable(&mut conn, now),
+        };
+        if let Some(reason) = retire {
+            conn.lease.key_pool.metrics.evicted(reason);
+            tracing::debug!(peer = %conn.lease.peer_description(), reason = reason.as_str(), "not pooled at release");
+            return;
+        }
+        let key_pool = Arc::clone(&conn.lease.key_pool);
+        let surplus = {
+            let mut state = key_pool.state.lock();
+            match lease::offer_to_waiters(&mut state.waiters, Handoff::Conn(conn)) {
+                None => return,
+                Some(Handoff::Conn(back)) => conn = back,
+                Some(Handoff::Slot(_)) => unreachable!("offer returns the value it was given"),
+            }
+            conn.lease.set_state(LeaseState::Idle);
+            state.idle.push_back(Idle { conn, since: now });
+            if state.idle.len() > self.limits.max_idle_per_peer {
+                state.idle.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some(surplus) = surplus {
+            key_pool.metrics.evicted(EvictionReason::Capacity);
+            drop(surplus);
+        }
+        if self.idle_total.load(Ordering::Relaxed) > self.limits.max_idle_total {
+            self.evict_least_recently_used();
+        }
+        self.ensure_reaper();
+    }
+
+    /// Closes the least recently released idle connections across all keys until the total is
+    /// within `max_idle_total`.
+    ///
+    /// Scans every key with idle connections, so it costs O(keys); it only runs when the total
+    /// cap is exceeded, never on a plain checkout or release.
+    fn evict_least_recently_used(&self) {
+        while self.idle_total.load(Ordering::Relaxed) > self.limits.max_idle_total {
+            let mut oldest: Option<(Instant, Arc<KeyPool>)> = None;
+            for entry in self.keys.iter() {
+                let state = entry.state.lock();
+                if let Some(front) = state.idle.front() {
+                    if oldest.as_ref().is_none_or(|(since, _)| front.since < *since) {
+                        oldest = Some((front.since, Arc::clone(entry.value())));
+                    }
+                }
+            }
+            let Some((_, key_pool)) = oldest else { return };
+            let victim = key_pool.state.lock().idle.pop_front();
+            if let Some(victim) = victim {
+                key_pool.metrics.evicted(EvictionReason::Capacity);
+                drop(victim);
+            }
+        }
+    }
+
+    /// Whether `conn` was created by this pool (and may be released into it).
+    pub(crate) fn owns(&self, conn: &Connection) -> bool {
+        Arc::ptr_eq(&conn.lease.key_pool.idle_total, &self.idle_total)
+    }
+
+    /// Idle connections across all keys.
+    pub(crate) fn idle_count(&self) -> usize {
+        self.idle_total.load(Ordering::Relaxed)
+    }
+
+    /// Idle connections for one key.
+    pub(crate) fn idle_count_for(&self, key: &PeerKey) -> usize {
+        self.keys.get(key).map_or(0, |kp| kp.state.lock().idle.len())
+    }
+
+    /// Connections of one key: dialling, in use and idle.
+    pub(crate) fn connection_count_for(&self, key: &PeerKey) -> usize {
+        self.keys.get(key).map_or(0, |kp| kp.state.lock().total)
+    }
+
+    fn ensure_reaper(self: &Arc<Self>) {
+        if self.reaper_started.load(Ordering::Relaxed) || self.reaper_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        reaper::spawn(Arc::downgrade(self), self.limits.reap_interval);
+    }
+
+    /// One reaper pass: evicts idle connections that expired, were closed by the upstream or
+    /// received unexpected data, and forgets keys with no connections left.
+    pub(crate) fn reap(&self, now: Instant) {
+        let mut evicted: Vec<(EvictionReason, Connection)> = Vec::new();
+        for entry in self.keys.iter() {
+            let mut state = entry.state.lock();
+            let mut i = 0;
+            while i < state.idle.len() {
+                let idle = &mut state.idle[i];
+                let reason = if now.saturating_duration_since(idle.since) >= idle.conn.lease.idle_timeout {
+                    Some(EvictionReason::IdleTimeout)
+                } else {
+                    self.unusable(&mut idle.conn, now)
+                };
+                match reason.and_then(|r| state.idle.remove(i).map(|idle| (r, idle.conn))) {
+                    Some(gone) => evicted.push(gone),
+                    None => i += 1,
+                }
+            }
+        }
+        for (reason, conn) in evicted {
+            conn.lease.key_pool.metrics.evicted(reason);
+            tracing::debug!(peer = %conn.lease.peer_description(), reason = reason.as_str(), "evicted idle connection");
+            drop(conn);
+        }
+        self.keys.retain(|_, key_pool| !key_pool.is_unused());
+    }
+}
+
+impl KeyPool {
+    /// Under this key's lock: pop the newest idle connection, else take a slot, else queue.
+    /// Returns expired idle connections separately so the caller drops them unlocked.
+    fn checkout_locked(self: &Arc<Self>, cap: Option<usize>) -> (Checkout, Vec<Connection>) {
+        let mut expired = Vec::new();
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        while let Some(idle) = state.idle.pop_back() {
+            if now.saturating_duration_since(idle.since) >= idle.conn.lease.idle_timeout {
+                self.metrics.evicted(EvictionReason::IdleTimeout);
+                expired.push(idle.conn);
+                continue;
+            }
+            return (Checkout::Reused(idle.conn), expired);
+        }
+        if cap.is_none_or(|cap| state.total < cap) {
+            state.total += 1;
+            return (Checkout::Dial(Slot::taken(Arc::clone(self))), expired);
+        }
+        // Waiters that gave up would otherwise pile up while nothing is released.
+        state.waiters.retain(|w| !w.is_closed());
+        let (tx, rx) = oneshot::channel();
+        state.waiters.push_back(tx);
+        (Checkout::Wait(rx, Arc::clone(self)), expired)
+    }
+
+    fn is_unused(&self) -> bool {
+        let state = self.state.lock();
+        state.total == 0 && state.idle.is_empty() && state.waiters.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("keys", &self.keys.len())
+            .field("idle_total", &self.idle_total.load(Ordering::Relaxed))
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Idle connections hold their `KeyPool` (through their lease) and the `KeyPool` holds them:
+/// break that cycle when the pool goes, closing every idle connection.
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let mut idle = Vec::new();
+        for entry in self.keys.iter() {
+            let mut state = entry.state.lock();
+            idle.extend(state.idle.drain(..).map(|i| i.conn));
+            state.waiters.clear();
+        }
+        drop(idle);
+    }
+}

@@ -1,0 +1,126 @@
+//! The client TLS session cache: which session may be offered to which peer.
+//!
+//! Resuming a session skips certificate verification, so a session may only be offered to a
+//! peer whose every connection-shaping setting equals the one that created it. The cache is
+//! therefore keyed by the full [`PeerKey`] (address, SNI, verify flags, alternative CN, CA set,
+//! client certificate, ALPN, curves, bind address, group) and never by hostname alone: a
+//! store shared across verifier settings would let a session established without verification
+//! resume as a verified one. Each [`crate::Connector`] owns one cache and one `SSL_CTX`, so
+//! every cached session also comes from the context it will be offered on.
+//!
+//! One session per key, least recently used evicted first; a session serves any number of
+//! new connections (as nginx and Envoy do), so a burst of dials resumes too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use foreign_types_shared::{ForeignType, ForeignTypeRef};
+use openssl::ssl::{SslSession, SslSessionRef};
+use parking_lot::Mutex;
+
+use crate::key::{PeerKey, PrehashedState};
+
+/// A bounded LRU map from peer key to its latest TLS session.
+#[derive(Debug)]
+pub(crate) struct SessionCache {
+    capacity: usize,
+    lru: Mutex<Lru>,
+}
+
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<PeerKey, (SslSession, u64), PrehashedState>,
+    /// Use stamp → key; the first entry is the least recently used.
+    order: BTreeMap<u64, PeerKey>,
+    next_stamp: u64,
+}
+
+impl SessionCache {
+    pub(crate) fn new(capacity: usize) -> SessionCache {
+        SessionCache {
+            capacity,
+            lru: Mutex::new(Lru::default()),
+        }
+    }
+
+    /// The session to offer `key`, if one is cached and not expired.
+    pub(crate) fn get(&self, key: &PeerKey) -> Option<SslSession> {
+        let mut lru = self.lru.lock();
+        let stamp = lru.bump();
+        let lru = &mut *lru;
+        let (session, old_stamp) = lru.entries.get_mut(key)?;
+        if is_expired(session) {
+            let old = *old_stamp;
+            lru.entries.remove(key);
+            lru.order.remove(&old);
+            return None;
+        }
+        let session = session.clone();
+        let old = std::mem::replace(old_stamp, stamp);
+        if let Some(k) = lru.order.remove(&old) {
+            lru.order.insert(stamp, k);
+        }
+        Some(session)
+    }
+
+    /// Stores the newest session for `key`, replacing any older one.
+    pub(crate) fn put(&self, key: PeerKey, session: SslSession) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut lru = self.lru.lock();
+        let stamp = lru.bump();
+        let lru = &mut *lru;
+        if let Some((_, old)) = lru.entries.insert(key.clone(), (session, stamp)) {
+            lru.order.remove(&old);
+        }
+        lru.order.insert(stamp, key);
+        while lru.entries.len() > self.capacity {
+            let Some((_, victim)) = lru.order.pop_first() else {
+                break;
+            };
+            lru.entries.remove(&victim);
+        }
+    }
+
+    /// Forgets `offered` for `key` after the server declined to resume it, unless a newer
+    /// session has already replaced it.
+    pub(crate) fn discard(&self, key: &PeerKey, offered: &SslSessionRef) {
+        let mut lru = self.lru.lock();
+        let lru = &mut *lru;
+        let same = lru
+            .entries
+            .get(key)
+            .is_some_and(|(s, _)| std::ptr::eq(s.as_ptr(), offered.as_ptr()));
+        if same {
+            if let Some((_, stamp)) = lru.entries.remove(key) {
+                lru.order.remove(&stamp);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lru.lock().entries.len()
+    }
+}
+
+impl std::fmt::Debug for Lru {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lru").field("sessions", &self.entries.len()).finish()
+    }
+}
+
+impl Lru {
+    fn bump(&mut self) -> u64 {
+        self.next_stamp += 1;
+        self.next_stamp
+    }
+}
+
+fn is_expired(session: &SslSessionRef) -> bool {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    (session.time() as i64).saturating_add(session.timeout()) <= now
+}

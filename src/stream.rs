@@ -1,0 +1,342 @@
+//! A live upstream connection: [`Connection`], what was negotiated ([`SslDigest`]) and how long
+//! it took ([`TimingDigest`]).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::ssl::{SslRef, SslVersion};
+use openssl::x509::X509;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_openssl::SslStream;
+
+use crate::connect::openssl_ext;
+use crate::connect::tcp::RawStream;
+use crate::error::{Error, ErrorKind};
+use crate::pool::Lease;
+
+/// What the TLS handshake negotiated, captured once when it finished.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SslDigest {
+    /// Protocol version, e.g. `"TLSv1.3"`.
+    pub version: String,
+    /// Cipher suite name in OpenSSL's spelling, e.g. `"TLS_AES_256_GCM_SHA384"`.
+    pub cipher: String,
+    /// The protocol the server selected with ALPN, if any.
+    pub alpn: Option<Vec<u8>>,
+    /// Whether this handshake resumed a cached session.
+    pub session_reused: bool,
+    /// SHA-256 of the server's leaf certificate (DER); empty if it sent none.
+    pub cert_digest: Vec<u8>,
+    /// The leaf certificate's subject organization (O), if present.
+    pub organization: Option<String>,
+    /// The leaf certificate's serial number in upper-case hex, if it sent one.
+    pub serial_number: Option<String>,
+    /// The server's leaf certificate itself.
+    pub peer_certificate: Option<X509>,
+}
+
+impl SslDigest {
+    pub(crate) fn from_ssl(ssl: &SslRef) -> SslDigest {
+        let cert = ssl.peer_certificate();
+        let cert_digest = cert
+            .as_ref()
+            .and_then(|c| c.digest(MessageDigest::sha256()).ok())
+            .map(|d| d.to_vec())
+            .unwrap_or_default();
+        let organization = cert.as_ref().and_then(|c| {
+            c.subject_name()
+                .entries_by_nid(Nid::ORGANIZATIONNAME)
+                .next()
+                .and_then(|e| e.data().to_string().ok())
+        });
+        let serial_number = cert.as_ref().and_then(|c| {
+            c.serial_number()
+                .to_bn()
+                .and_then(|bn| bn.to_hex_str().map(|s| s.to_string()))
+                .ok()
+        });
+        SslDigest {
+            version: ssl.version_str().to_string(),
+            cipher: ssl
+                .current_cipher()
+                .map_or_else(String::new, |c| c.name().to_string()),
+            alpn: ssl.selected_alpn_protocol().map(<[u8]>::to_vec),
+            session_reused: ssl.session_reused(),
+            cert_digest,
+            organization,
+            serial_number,
+            peer_certificate: cert,
+        }
+    }
+}
+
+/// When the connection was established and how long each step took.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TimingDigest {
+    /// When the connection became usable (after the TLS handshake for TLS peers).
+    pub established_ts: SystemTime,
+    /// Duration of the TCP (or Unix socket) connect.
+    pub tcp_connect: Duration,
+    /// Duration of the TLS handshake; `None` for plaintext peers.
+    pub tls_handshake: Option<Duration>,
+}
+
+pub(crate) enum Stream {
+    Plain(RawStream),
+    Tls(SslStream<RawStream>),
+}
+
+/// What a pooled connection looks like from the outside, checked without blocking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
+    /// Nothing to read and not closed: safe to hand out.
+    Alive,
+    /// The upstream closed it (FIN, RST or TLS close_notify) or it failed.
+    Closed,
+    /// Bytes arrived that nobody asked for; the stream is out of sync.
+    UnexpectedData,
+}
+
+/// An established upstream connection: TCP, TLS over TCP, or a Unix-domain socket.
+///
+/// Read and write it like any tokio stream. Give it back with `Connector::release` when the
+/// exchange on it finished cleanly; dropping it closes it instead (and never spoils the TLS
+/// session other connections resume from).
+///
+/// I/O errors on a connection that came from the pool, before its first byte was read, carry
+/// an [`Error`] with [`Error::reused`] set (recover it with [`Error::from_io`]): the upstream
+/// most likely closed it while it sat idle, and the request may be retried on a fresh one.
+pub struct Connection {
+    stream: Stream,
+    digest: Option<Arc<SslDigest>>,
+    timing: TimingDigest,
+    reused: bool,
+    /// Whether a byte has been read since this checkout; errors before that are "reused".
+    read_since_checkout: bool,
+    pub(crate) lease: Lease,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        stream: Stream,
+        digest: Option<Arc<SslDigest>>,
+        timing: TimingDigest,
+        lease: Lease,
+    ) -> Connection {
+        Connection {
+            stream,
+            digest,
+            timing,
+            reused: false,
+            read_since_checkout: false,
+            lease,
+        }
+    }
+
+    /// Whether this connection came from the pool rather than a fresh dial.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// What the TLS handshake negotiated; `None` for plaintext connections.
+    pub fn digest(&self) -> Option<&SslDigest> {
+        self.digest.as_deref()
+    }
+
+    /// When and how fast the connection was established.
+    pub fn timing(&self) -> &TimingDigest {
+        &self.timing
+    }
+
+    /// The OpenSSL connection, for inspection; `None` for plaintext connections.
+    pub fn ssl(&self) -> Option<&SslRef> {
+        match &self.stream {
+            Stream::Tls(s) => Some(s.ssl()),
+            Stream::Plain(_) => None,
+        }
+    }
+
+    /// How many times this connection has been handed out, including this one.
+    pub fn uses(&self) -> u32 {
+        self.lease.uses
+    }
+
+    pub(crate) fn mark_checked_out(&mut self, reused: bool) {
+        self.reused = reused;
+        self.read_since_checkout = false;
+        self.lease.uses = self.lease.uses.saturating_add(1);
+    }
+
+    /// Checks, without blocking, whether this idle connection is still usable.
+    ///
+    /// The reactor has already recorded whether the socket became readable, so the common case
+    /// (nothing arrived) costs no syscall. Only when it did do we read: TLS 1.3 session tickets
+    /// and other post-handshake records are consumed by OpenSSL and are not "unexpected".
+    pub(crate) fn liveness(&mut self) -> Liveness {
+        let mut cx = Context::from_waker(Waker::noop());
+        match &mut self.stream {
+            Stream::Plain(raw) => match raw.poll_read_ready(&mut cx) {
+                Poll::Pending => Liveness::Alive,
+                Poll::Ready(Err(_)) => Liveness::Closed,
+                Poll::Ready(Ok(())) => match raw.try_read(&mut [0u8; 1]) {
+                    Ok(0) => Liveness::Closed,
+                    Ok(_) => Liveness::UnexpectedData,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Liveness::Alive,
+                    Err(_) => Liveness::Closed,
+                },
+            },
+            Stream::Tls(tls) => {
+                // Decrypted bytes OpenSSL already holds would never show up as readiness.
+                if tls.ssl().pending() > 0 {
+                    return Liveness::UnexpectedData;
+                }
+                if tls.get_ref().poll_read_ready(&mut cx).is_pending() {
+                    return Liveness::Alive;
+                }
+                let mut byte = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut byte);
+                match Pin::new(tls).poll_read(&mut cx, &mut buf) {
+                    Poll::Pending => Liveness::Alive,
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => Liveness::Closed,
+                    Poll::Ready(Ok(())) => Liveness::UnexpectedData,
+                    Poll::Ready(Err(_)) => Liveness::Closed,
+                }
+            }
+        }
+    }
+
+    /// Wraps an I/O error on a reused connection so callers can tell it is retryable.
+    fn annotate(&self, err: io::Error) -> io::Error {
+        if !self.reused || self.read_since_checkout || Error::from_io(&err).is_some() {
+            return err;
+        }
+        let wrapped = Error::new(
+            ErrorKind::ConnectError,
+            format!("pooled connection failed before any response byte: {err}"),
+        )
+        .with_peer(self.lease.peer_description())
+        .with_reused(true);
+        io::Error::new(err.kind(), wrapped)
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.lease.peer_description())
+            .field("tls", &self.digest.is_some())
+            .field("reused", &self.reused)
+            .field("uses", &self.lease.uses)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Stream::Tls(tls) = &mut self.stream {
+            // TLS 1.3 tickets arrive after the handshake; if they are already on the socket,
+            // let OpenSSL read them so the session cache learns them before this connection
+            // goes. Whatever else is read is discarded with the connection.
+            if tls.ssl().version2() == Some(SslVersion::TLS1_3) {
+                let mut cx = Context::from_waker(Waker::noop());
+                let mut scratch = [0u8; 256];
+                for _ in 0..4 {
+                    let mut buf = ReadBuf::new(&mut scratch);
+                    match Pin::new(&mut *tls).poll_read(&mut cx, &mut buf) {
+                        Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                        _ => break,
+                    }
+                }
+            }
+            openssl_ext::mark_shut_down(tls.ssl());
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        match result {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.read_since_checkout = true;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.annotate(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        };
+        match result {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.annotate(e))),
+            other => other,
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        };
+        match result {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.annotate(e))),
+            other => other,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        };
+        match result {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.annotate(e))),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
