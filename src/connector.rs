@@ -104,7 +104,9 @@ impl ConnectorOptions {
         ];
         for (name, value) in positive {
             if value.is_zero() {
-                return Err(Error::config(format!("ConnectorOptions::{name} must be greater than zero")));
+                return Err(Error::config(format!(
+                    "ConnectorOptions::{name} must be greater than zero"
+                )));
             }
         }
         if self.max_connections_per_peer == Some(0) {
@@ -113,7 +115,9 @@ impl ConnectorOptions {
             ));
         }
         if self.max_uses == Some(0) {
-            return Err(Error::config("ConnectorOptions::max_uses must be at least 1 (or None)"));
+            return Err(Error::config(
+                "ConnectorOptions::max_uses must be at least 1 (or None)",
+            ));
         }
         Ok(())
     }
@@ -215,24 +219,17 @@ impl Connector {
     }
 
     async fn checkout(&self, peer: &Peer, key: &PeerKey) -> Result<Connection> {
-        loop {
-            match self.inner.pool.checkout(key, peer) {
-                Checkout::Reused(mut conn) => {
-                    conn.mark_checked_out(true);
-                    conn.lease.key_pool.metrics.checkout_reused.increment(1);
-                    return Ok(conn);
-                }
-                Checkout::Dial(slot) => return self.dial_in_background(peer, key, slot).await,
-                Checkout::Wait(rx, key_pool) => match self.wait(rx, &key_pool, peer).await? {
-                    Handoff::Conn(mut conn) => {
-                        conn.mark_checked_out(true);
-                        key_pool.metrics.checkout_reused.increment(1);
-                        return Ok(conn);
-                    }
-                    Handoff::Slot(slot) => return self.dial_in_background(peer, key, slot).await,
-                },
-            }
-        }
+        let mut conn = match self.inner.pool.checkout(key, peer) {
+            Checkout::Reused(conn) => conn,
+            Checkout::Dial(slot) => return self.dial_in_background(peer, key, slot).await,
+            Checkout::Wait(rx, key_pool) => match self.wait(rx, &key_pool, peer).await? {
+                Handoff::Conn(conn) => conn,
+                Handoff::Slot(slot) => return self.dial_in_background(peer, key, slot).await,
+            },
+        };
+        conn.mark_checked_out(true);
+        conn.lease.key_pool.metrics.checkout_reused.increment(1);
+        Ok(conn)
     }
 
     /// Waits at the per-peer cap for a released connection or a freed slot.
@@ -267,7 +264,12 @@ impl Connector {
 
     /// Dials on a spawned task so that a cancelled `get` does not waste a half-done
     /// handshake: the finished connection is pooled instead.
-    async fn dial_in_background(&self, peer: &Peer, key: &PeerKey, slot: Slot) -> Result<Connection> {
+    async fn dial_in_background(
+        &self,
+        peer: &Peer,
+        key: &PeerKey,
+        slot: Slot,
+    ) -> Result<Connection> {
         let (tx, rx) = oneshot::channel();
         let inner = Arc::clone(&self.inner);
         let (peer, key) = (peer.clone(), key.clone());
@@ -327,7 +329,11 @@ impl Inner {
                 handshake_us = took.as_micros() as u64,
                 "tls handshake done"
             );
-            (Stream::Tls(handshake.stream), Some(Arc::new(digest)), Some(took))
+            (
+                Stream::Tls(handshake.stream),
+                Some(Arc::new(digest)),
+                Some(took),
+            )
         } else {
             (Stream::Plain(raw), None, None)
         };
@@ -358,7 +364,9 @@ impl Connector {
     /// is full (the oldest idle one is closed), or when it belongs to another connector.
     pub fn release(&self, conn: Connection) {
         if !self.inner.pool.owns(&conn) {
-            tracing::debug!("connection released to a connector that did not create it; closing it");
+            tracing::debug!(
+                "connection released to a connector that did not create it; closing it"
+            );
             return;
         }
         self.inner.pool.release(conn);

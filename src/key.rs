@@ -68,7 +68,10 @@ impl PeerKey {
         };
         // SipHash with fixed keys: stable within the process, and the key's inputs come from
         // configuration, not from clients, so hash flooding is not a concern.
-        #[allow(deprecated, reason = "SipHasher is the std SipHash with fixed keys we want")]
+        #[allow(
+            deprecated,
+            reason = "SipHasher is the std SipHash with fixed keys we want"
+        )]
         let mut hasher = std::hash::SipHasher::new();
         fields.hash(&mut hasher);
         fields.hash = hasher.finish();
@@ -120,7 +123,10 @@ impl fmt::Debug for PeerKey {
                         .as_ref()
                         .map(|fps| fps.iter().map(|fp| hex(&fp[..8])).collect::<Vec<_>>()),
                 )
-                .field("client_cert", &tls.client_cert.as_ref().map(|fp| hex(&fp[..8])))
+                .field(
+                    "client_cert",
+                    &tls.client_cert.as_ref().map(|fp| hex(&fp[..8])),
+                )
                 .field("alpn", &tls.alpn)
                 .field("curves", &tls.curves);
         }

@@ -46,15 +46,32 @@ pub const ALL_METRICS: [&str; 9] = [
 /// Optional; exporters such as Prometheus show them as `# HELP` lines.
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(CHECKOUTS_TOTAL, "Successful checkouts, by outcome (reused, new)");
+    describe_counter!(
+        CHECKOUTS_TOTAL,
+        "Successful checkouts, by outcome (reused, new)"
+    );
     describe_histogram!(TCP_CONNECT_DURATION, Unit::Seconds, "TCP connect duration");
-    describe_histogram!(TLS_HANDSHAKE_DURATION, Unit::Seconds, "TLS handshake duration, by resumed");
-    describe_counter!(TLS_HANDSHAKES_TOTAL, "TLS handshakes, by version, cipher, ALPN and resumed");
+    describe_histogram!(
+        TLS_HANDSHAKE_DURATION,
+        Unit::Seconds,
+        "TLS handshake duration, by resumed"
+    );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "TLS handshakes, by version, cipher, ALPN and resumed"
+    );
     describe_counter!(CONNECT_ERRORS_TOTAL, "Failed checkouts, by error kind");
     describe_counter!(EVICTIONS_TOTAL, "Connections closed by the pool, by reason");
     describe_gauge!(IDLE_CONNECTIONS, "Idle pooled connections");
-    describe_gauge!(ACTIVE_CONNECTIONS, "Connections handed out and not returned");
-    describe_histogram!(WAIT_DURATION, Unit::Seconds, "Time spent waiting at the per-peer connection cap");
+    describe_gauge!(
+        ACTIVE_CONNECTIONS,
+        "Connections handed out and not returned"
+    );
+    describe_histogram!(
+        WAIT_DURATION,
+        Unit::Seconds,
+        "Time spent waiting at the per-peer connection cap"
+    );
 }
 
 /// Why the pool closed a connection instead of handing it out or keeping it.
@@ -113,10 +130,7 @@ pub(crate) struct PeerMetrics {
 
 impl PeerMetrics {
     pub(crate) fn new(peer: Option<String>) -> PeerMetrics {
-        let base: Vec<Label> = peer
-            .iter()
-            .map(|p| Label::new("peer", p.clone()))
-            .collect();
+        let base: Vec<Label> = peer.iter().map(|p| Label::new("peer", p.clone())).collect();
         let with = |k: &'static str, v: &'static str| {
             let mut labels = base.clone();
             labels.push(Label::new(k, v));
@@ -131,7 +145,8 @@ impl PeerMetrics {
             idle: gauge!(IDLE_CONNECTIONS, base.clone()),
             active: gauge!(ACTIVE_CONNECTIONS, base.clone()),
             wait: histogram!(WAIT_DURATION, base.clone()),
-            evictions: EvictionReason::ALL.map(|r| counter!(EVICTIONS_TOTAL, with("reason", r.as_str()))),
+            evictions: EvictionReason::ALL
+                .map(|r| counter!(EVICTIONS_TOTAL, with("reason", r.as_str()))),
             peer,
         }
     }
@@ -148,12 +163,19 @@ impl PeerMetrics {
             Label::new("cipher", digest.cipher.clone()),
             Label::new(
                 "alpn",
-                digest
-                    .alpn
-                    .as_deref()
-                    .map_or_else(|| "none".to_string(), |a| String::from_utf8_lossy(a).into_owned()),
+                digest.alpn.as_deref().map_or_else(
+                    || "none".to_string(),
+                    |a| String::from_utf8_lossy(a).into_owned(),
+                ),
             ),
-            Label::new("resumed", if digest.session_reused { "true" } else { "false" }),
+            Label::new(
+                "resumed",
+                if digest.session_reused {
+                    "true"
+                } else {
+                    "false"
+                },
+            ),
         ];
         if let Some(peer) = &self.peer {
             labels.push(Label::new("peer", peer.clone()));
@@ -165,7 +187,10 @@ impl PeerMetrics {
 /// Counts a failed `get`, also where no pool key exists yet (invalid configuration).
 pub(crate) fn connect_error(kind: ErrorKind, peer: Option<&str>) {
     match peer {
-        Some(peer) => counter!(CONNECT_ERRORS_TOTAL, "kind" => kind.as_str(), "peer" => peer.to_string()).increment(1),
+        Some(peer) => {
+            counter!(CONNECT_ERRORS_TOTAL, "kind" => kind.as_str(), "peer" => peer.to_string())
+                .increment(1)
+        }
         None => counter!(CONNECT_ERRORS_TOTAL, "kind" => kind.as_str()).increment(1),
     }
 }

@@ -109,9 +109,9 @@ impl CertKey {
     /// # Errors
     /// `InvalidConfig` when the key does not belong to the leaf certificate.
     pub fn new(leaf: X509, key: PKey<Private>, intermediates: Vec<X509>) -> Result<CertKey> {
-        let leaf_key = leaf
-            .public_key()
-            .map_err(|e| Error::config(format!("client certificate has no usable public key: {e}")))?;
+        let leaf_key = leaf.public_key().map_err(|e| {
+            Error::config(format!("client certificate has no usable public key: {e}"))
+        })?;
         if !leaf_key.public_eq(&key) {
             return Err(Error::config(
                 "client private key does not match the client certificate",
@@ -119,15 +119,21 @@ impl CertKey {
         }
         let mut hasher = openssl::hash::Hasher::new(MessageDigest::sha256())
             .map_err(|e| Error::internal(format!("sha256 unavailable: {e}")))?;
-        let mut feed = |label: &[u8], der: std::result::Result<Vec<u8>, openssl::error::ErrorStack>| {
-            let der = der.map_err(|e| Error::config(format!("cannot encode client {}: {e}", String::from_utf8_lossy(label))))?;
-            // Length-prefix every part so that different splits of the same bytes differ.
-            hasher
-                .update(label)
-                .and_then(|_| hasher.update(&(der.len() as u64).to_be_bytes()))
-                .and_then(|_| hasher.update(&der))
-                .map_err(|e| Error::internal(format!("sha256 failed: {e}")))
-        };
+        let mut feed =
+            |label: &[u8], der: std::result::Result<Vec<u8>, openssl::error::ErrorStack>| {
+                let der = der.map_err(|e| {
+                    Error::config(format!(
+                        "cannot encode client {}: {e}",
+                        String::from_utf8_lossy(label)
+                    ))
+                })?;
+                // Length-prefix every part so that different splits of the same bytes differ.
+                hasher
+                    .update(label)
+                    .and_then(|_| hasher.update(&(der.len() as u64).to_be_bytes()))
+                    .and_then(|_| hasher.update(&der))
+                    .map_err(|e| Error::internal(format!("sha256 failed: {e}")))
+            };
         feed(b"certificate", leaf.to_der())?;
         for cert in &intermediates {
             feed(b"intermediate", cert.to_der())?;
@@ -340,7 +346,10 @@ impl Peer {
         self
     }
 
-    fn edit_checked(self, f: impl FnOnce(&mut PeerInner) -> std::result::Result<(), String>) -> Peer {
+    fn edit_checked(
+        self,
+        f: impl FnOnce(&mut PeerInner) -> std::result::Result<(), String>,
+    ) -> Peer {
         self.edit(|inner| {
             if let Err(problem) = f(inner) {
                 inner.invalid.get_or_insert(problem);
@@ -496,7 +505,8 @@ impl Peer {
         }
         if let Some(sni) = &self.inner.sni {
             if !sni.is_empty() {
-                check_hostname("SNI", sni).map_err(|p| Error::config(p).with_peer(self.describe()))?;
+                check_hostname("SNI", sni)
+                    .map_err(|p| Error::config(p).with_peer(self.describe()))?;
             }
         }
         Ok(self.inner.key.get_or_init(|| PeerKey::compute(&self.inner)))
@@ -532,7 +542,10 @@ impl fmt::Debug for Peer {
 /// Rejects names OpenSSL would choke on or that cannot be a DNS name or IP literal.
 fn check_hostname(what: &str, name: &str) -> std::result::Result<(), String> {
     if name.len() > 255 {
-        return Err(format!("{what} is {} bytes long; at most 255 allowed", name.len()));
+        return Err(format!(
+            "{what} is {} bytes long; at most 255 allowed",
+            name.len()
+        ));
     }
     if let Some(bad) = name
         .bytes()

@@ -107,7 +107,9 @@ impl SessionCache {
 
 impl std::fmt::Debug for Lru {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lru").field("sessions", &self.entries.len()).finish()
+        f.debug_struct("Lru")
+            .field("sessions", &self.entries.len())
+            .finish()
     }
 }
 
@@ -122,5 +124,5 @@ fn is_expired(session: &SslSessionRef) -> bool {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    (session.time() as i64).saturating_add(session.timeout()) <= now
+    session.time().saturating_add(session.timeout()) <= now
 }

@@ -227,6 +227,22 @@ impl Connection {
     }
 }
 
+/// The connection's socket, to read or set socket options (for example with
+/// `socket2::SockRef::from(&conn)`). Reading or writing it directly would bypass TLS and
+/// desynchronise the stream; do not.
+impl std::os::fd::AsFd for Connection {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        let raw = match &self.stream {
+            Stream::Plain(raw) => raw,
+            Stream::Tls(tls) => tls.get_ref(),
+        };
+        match raw {
+            RawStream::Tcp(s) => std::os::fd::AsFd::as_fd(s),
+            RawStream::Unix(s) => std::os::fd::AsFd::as_fd(s),
+        }
+    }
+}
+
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
@@ -286,7 +302,11 @@ impl AsyncRead for Connection {
 }
 
 impl AsyncWrite for Connection {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = match &mut this.stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),

@@ -1,6 +1,9 @@
 //! The OpenSSL calls the `openssl` crate does not expose safely. The only `unsafe` in the
 //! crate lives here, one small function per call, each with its `// SAFETY:` argument.
-#![allow(unsafe_code, reason = "thin wrappers over OpenSSL calls the openssl crate lacks")]
+#![allow(
+    unsafe_code,
+    reason = "thin wrappers over OpenSSL calls the openssl crate lacks"
+)]
 
 use std::ffi::{c_char, c_int, c_void, CString};
 
@@ -22,7 +25,10 @@ extern "C" {
 
 /// Uses `store` to verify this connection's peer, taking a reference on it
 /// (`SSL_set1_verify_cert_store`), so one cached store serves every handshake of a CA set.
-pub(crate) fn set_verify_cert_store(ssl: &mut SslRef, store: &X509StoreRef) -> Result<(), ErrorStack> {
+pub(crate) fn set_verify_cert_store(
+    ssl: &mut SslRef,
+    store: &X509StoreRef,
+) -> Result<(), ErrorStack> {
     // SAFETY: both pointers come from live owned wrappers. SSL_ctrl with
     // SSL_CTRL_SET_VERIFY_CERT_STORE and larg = 1 is the "set1" variant: OpenSSL takes its own
     // reference on the store, so the store outliving this call is not required.
@@ -44,12 +50,12 @@ pub(crate) fn set_verify_cert_store(ssl: &mut SslRef, store: &X509StoreRef) -> R
 /// Adds one more acceptable hostname to the verify parameters (`X509_VERIFY_PARAM_add1_host`);
 /// the `openssl` crate only has `set_host`, which replaces the list.
 pub(crate) fn add_host(param: &mut X509VerifyParamRef, host: &str) -> Result<(), ErrorStack> {
-    // SAFETY: the pointer is a live X509_VERIFY_PARAM owned by the SSL; name/namelen describe
-    // a valid byte slice that OpenSSL copies ("add1"). An empty name would clear the list, so
-    // callers never pass one (checked here too).
+    // An empty name would clear the list of accepted names instead of adding one.
     if host.is_empty() {
         return Ok(());
     }
+    // SAFETY: the pointer is a live X509_VERIFY_PARAM owned by the SSL; name/namelen describe
+    // a valid, non-empty byte slice that OpenSSL copies ("add1").
     let rc = unsafe {
         X509_VERIFY_PARAM_add1_host(param.as_ptr(), host.as_ptr() as *const c_char, host.len())
     };

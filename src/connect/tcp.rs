@@ -52,7 +52,11 @@ impl AsyncRead for RawStream {
 }
 
 impl AsyncWrite for RawStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             RawStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             RawStream::Unix(s) => Pin::new(s).poll_write(cx, buf),

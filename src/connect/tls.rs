@@ -23,7 +23,8 @@ use crate::session_cache::SessionCache;
 
 /// TLS 1.2 ciphers: forward-secret AEADs and CBC suites, nothing weak. TLS 1.3 suites are
 /// all acceptable and keep OpenSSL's default.
-const CIPHER_LIST: &str = "HIGH:!aNULL:!eNULL:!MD5:!SHA1:!3DES:!DES:!RC4:!IDEA:!SEED:!CAMELLIA:!aDSS:!SRP:!PSK:!kRSA";
+const CIPHER_LIST: &str =
+    "HIGH:!aNULL:!eNULL:!MD5:!SHA1:!3DES:!DES:!RC4:!IDEA:!SEED:!CAMELLIA:!aDSS:!SRP:!PSK:!kRSA";
 /// Signature algorithms: no SHA-1 (nor MD5); RSA-PSS, ECDSA and EdDSA with SHA-2.
 const SIGALGS: &str = "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:ed25519:ed448:\
 rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:\
@@ -90,7 +91,9 @@ impl TlsConnector {
             let feed = Arc::clone(&cache);
             // CLIENT turns the callback on; NO_INTERNAL keeps OpenSSL's own (unbounded,
             // hostname-unaware) store out of the way.
-            builder.set_session_cache_mode(SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL);
+            builder.set_session_cache_mode(
+                SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL,
+            );
             builder.set_new_session_callback(move |ssl, session| {
                 if let Some(key) = ssl.ex_data(key_index) {
                     feed.put(key.clone(), session);
@@ -116,16 +119,15 @@ impl TlsConnector {
         let mut builder = X509StoreBuilder::new()
             .map_err(|e| Error::internal(format!("cannot create a verify store: {e}")))?;
         for cert in ca.certs.iter() {
-            builder
-                .add_cert(cert.clone())
-                .map_err(|e| Error::config(format!("cannot add CA certificate to the verify store: {e}")))?;
+            builder.add_cert(cert.clone()).map_err(|e| {
+                Error::config(format!(
+                    "cannot add CA certificate to the verify store: {e}"
+                ))
+            })?;
         }
         let store = Arc::new(builder.build());
         Ok(Arc::clone(
-            &self
-                .stores
-                .entry(ca.fingerprints.clone())
-                .or_insert(store),
+            &self.stores.entry(ca.fingerprints.clone()).or_insert(store),
         ))
     }
 
@@ -158,7 +160,8 @@ impl TlsConnector {
 
         if let Some(ca) = &s.ca {
             let store = self.store_for(ca)?;
-            openssl_ext::set_verify_cert_store(&mut cfg, &store).map_err(|e| config_err("CA store", e))?;
+            openssl_ext::set_verify_cert_store(&mut cfg, &store)
+                .map_err(|e| config_err("CA store", e))?;
         }
         if let Some(cert) = &s.client_cert {
             cfg.set_certificate(cert.leaf())
@@ -182,10 +185,13 @@ impl TlsConnector {
             if s.verify_hostname {
                 let param = cfg.param_mut();
                 if let Ok(ip) = sni.parse::<IpAddr>() {
-                    param.set_ip(ip).map_err(|e| config_err("IP to verify", e))?;
+                    param
+                        .set_ip(ip)
+                        .map_err(|e| config_err("IP to verify", e))?;
                 } else {
                     for host in accepted_hostnames(sni, s.alternative_cn.as_deref()) {
-                        openssl_ext::add_host(param, &host).map_err(|e| config_err("hostname to verify", e))?;
+                        openssl_ext::add_host(param, &host)
+                            .map_err(|e| config_err("hostname to verify", e))?;
                     }
                 }
             }
@@ -215,9 +221,7 @@ impl TlsConnector {
             }
         }
 
-        let ssl = cfg
-            .into_ssl(sni)
-            .map_err(|e| config_err("SNI", e))?;
+        let ssl = cfg.into_ssl(sni).map_err(|e| config_err("SNI", e))?;
         let mut stream = SslStream::new(ssl, raw)
             .map_err(|e| Error::internal(format!("cannot create TLS stream: {e}")))?;
 
@@ -243,7 +247,8 @@ impl TlsConnector {
 /// failure (a reset or EOF mid-handshake included: the server is not speaking TLS to us).
 fn classify_failure(stream: &SslStream<RawStream>, e: &openssl::ssl::Error) -> Error {
     let verify = stream.ssl().verify_result();
-    let verify_failed = verify != X509VerifyResult::OK && verify.as_raw() != X509_V_ERR_INVALID_CALL;
+    let verify_failed =
+        verify != X509VerifyResult::OK && verify.as_raw() != X509_V_ERR_INVALID_CALL;
     if e.code() == ErrorCode::SSL && verify_failed {
         return Error::new(ErrorKind::InvalidCert, verify.error_string().to_string());
     }

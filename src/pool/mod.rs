@@ -199,7 +199,10 @@ impl Pool {
             for entry in self.keys.iter() {
                 let state = entry.state.lock();
                 if let Some(front) = state.idle.front() {
-                    if oldest.as_ref().is_none_or(|(since, _)| front.since < *since) {
+                    if oldest
+                        .as_ref()
+                        .is_none_or(|(since, _)| front.since < *since)
+                    {
                         oldest = Some((front.since, Arc::clone(entry.value())));
                     }
                 }
@@ -225,7 +228,9 @@ impl Pool {
 
     /// Idle connections for one key.
     pub(crate) fn idle_count_for(&self, key: &PeerKey) -> usize {
-        self.keys.get(key).map_or(0, |kp| kp.state.lock().idle.len())
+        self.keys
+            .get(key)
+            .map_or(0, |kp| kp.state.lock().idle.len())
     }
 
     /// Connections of one key: dialling, in use and idle.
@@ -234,7 +239,9 @@ impl Pool {
     }
 
     fn ensure_reaper(self: &Arc<Self>) {
-        if self.reaper_started.load(Ordering::Relaxed) || self.reaper_started.swap(true, Ordering::AcqRel) {
+        if self.reaper_started.load(Ordering::Relaxed)
+            || self.reaper_started.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         reaper::spawn(Arc::downgrade(self), self.limits.reap_interval);
@@ -249,11 +256,12 @@ impl Pool {
             let mut i = 0;
             while i < state.idle.len() {
                 let idle = &mut state.idle[i];
-                let reason = if now.saturating_duration_since(idle.since) >= idle.conn.lease.idle_timeout {
-                    Some(EvictionReason::IdleTimeout)
-                } else {
-                    self.unusable(&mut idle.conn, now)
-                };
+                let reason =
+                    if now.saturating_duration_since(idle.since) >= idle.conn.lease.idle_timeout {
+                        Some(EvictionReason::IdleTimeout)
+                    } else {
+                        self.unusable(&mut idle.conn, now)
+                    };
                 match reason.and_then(|r| state.idle.remove(i).map(|idle| (r, idle.conn))) {
                     Some(gone) => evicted.push(gone),
                     None => i += 1,

@@ -111,8 +111,7 @@ impl CertSpec {
     /// A server leaf with the given CN and SANs (IP literals become IP SANs), valid from an
     /// hour ago for 30 days.
     pub(crate) fn server(common_name: &str, sans: &[&str]) -> Self {
-        Self::base(common_name, CertUsage::Server)
-            .with_sans(sans)
+        Self::base(common_name, CertUsage::Server).with_sans(sans)
     }
 
     /// A client leaf with the given CN and no SANs, valid from an hour ago for 30 days.
@@ -392,8 +391,7 @@ impl Default for TestPki {
 pub(crate) fn common_name(name: &X509NameRef) -> Option<String> {
     name.entries_by_nid(Nid::COMMONNAME)
         .next()
-        .and_then(|e| e.data().as_utf8().ok())
-        .map(|s| s.to_string())
+        .and_then(|e| e.data().to_string().ok())
 }
 
 fn generate_key(key_type: KeyType) -> Result<PKey<Private>, ErrorStack> {
@@ -430,12 +428,14 @@ fn build(spec: &CertSpec, issuer: Option<&Identity>) -> Result<Identity, ErrorSt
 
     let mut b = X509::builder()?;
     b.set_version(2)?;
-    b.set_serial_number(&serial.to_asn1_integer()?)?;
+    let serial = serial.to_asn1_integer()?;
+    b.set_serial_number(&serial)?;
     b.set_subject_name(&name)?;
     b.set_issuer_name(issuer.map_or(&*name, |i| i.cert.subject_name()))?;
     b.set_pubkey(&key)?;
-    b.set_not_before(&asn1_time(spec.not_before)?)?;
-    b.set_not_after(&asn1_time(spec.not_after)?)?;
+    let (not_before, not_after) = (asn1_time(spec.not_before)?, asn1_time(spec.not_after)?);
+    b.set_not_before(&not_before)?;
+    b.set_not_after(&not_after)?;
 
     match spec.usage {
         CertUsage::Ca { pathlen } => {
@@ -445,7 +445,13 @@ fn build(spec: &CertSpec, issuer: Option<&Identity>) -> Result<Identity, ErrorSt
                 bc.pathlen(p);
             }
             b.append_extension(bc.build()?)?;
-            b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+            b.append_extension(
+                KeyUsage::new()
+                    .critical()
+                    .key_cert_sign()
+                    .crl_sign()
+                    .build()?,
+            )?;
         }
         CertUsage::Server | CertUsage::Client => {
             b.append_extension(BasicConstraints::new().critical().build()?)?;

@@ -8,6 +8,7 @@
 //! whose session you want to reuse with [`close`] (which sends close_notify) instead of
 //! dropping them.
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -24,10 +25,20 @@ use super::certs::{Identity, TestPki};
 
 /// A session captured from a connection of one particular [`TlsClient`]; it can only be
 /// resumed through that client (OpenSSL requires the same `SSL_CTX`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ClientSession {
     client_id: usize,
     session: SslSession,
+}
+
+impl fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("client_id", &self.client_id)
+            .field("id_len", &self.session.id().len())
+            .field("protocol", &self.session.protocol_version())
+            .finish()
+    }
 }
 
 impl ClientSession {
@@ -209,7 +220,9 @@ impl TlsClient {
         let mut config = self.connector.configure().map_err(io::Error::other)?;
         config.set_use_server_name_indication(sni.is_some());
         config.set_verify_hostname(self.verify_hostname && sni.is_some());
-        let mut ssl = config.into_ssl(sni.unwrap_or("")).map_err(io::Error::other)?;
+        let mut ssl = config
+            .into_ssl(sni.unwrap_or(""))
+            .map_err(io::Error::other)?;
         if let Some(s) = session {
             if s.client_id != self.id {
                 return Err(io::Error::other("session belongs to another TlsClient"));
@@ -298,7 +311,8 @@ pub(crate) async fn http_get<S>(stream: &mut S, host: &str) -> io::Result<HttpRe
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: upstream-pool-test\r\n\r\n");
+    let request =
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: upstream-pool-test\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     stream.flush().await?;
     read_response(stream).await
@@ -314,7 +328,10 @@ where
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() > 64 * 1024 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "response head too large",
+            ));
         }
         let mut byte = [0u8; 1];
         if stream.read(&mut byte).await? == 0 {
@@ -333,7 +350,10 @@ where
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}"))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {status_line:?}"),
+            )
         })?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))

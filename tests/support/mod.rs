@@ -10,6 +10,7 @@
 //! - [`client`]: a plain tokio-openssl client and a tiny HTTP/1.1 reader, for driving test
 //!   servers (or streams handed out by the pool) without `upstream_pool`.
 //! - [`s_server`]: an `openssl s_server` child process ([`s_server::SServer`]).
+//! - [`client_hello`]: the SNI of a raw ClientHello (what test servers report as SNI).
 //! - Here: [`TempDir`], [`open_fds`] and [`wait_for_open_fds`].
 //!
 //! Items are `pub(crate)` (not `pub`) because the crate lints `unreachable_pub`, and there are
@@ -22,6 +23,7 @@
 
 pub(crate) mod certs;
 pub(crate) mod client;
+pub(crate) mod client_hello;
 pub(crate) mod s_server;
 pub(crate) mod server;
 

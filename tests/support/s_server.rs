@@ -7,6 +7,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,8 @@ pub(crate) struct SServerOptions {
 pub(crate) struct SServer {
     child: Child,
     addr: SocketAddr,
-    dir: TempDir,
+    log_path: PathBuf,
+    _dir: TempDir,
 }
 
 /// Whether the `openssl` command-line tool can be run.
@@ -63,9 +65,9 @@ pub(crate) fn openssl_cli_available() -> bool {
 
 impl SServer {
     /// Writes the certificate files, starts `openssl s_server -accept 127.0.0.1:PORT ...`
-    /// on a free port and waits (up to 10 s) until it accepts TCP connections. Retries with
-    /// another port if the chosen one was taken in the meantime. Panics (with the server's
-    /// log) if it cannot be started: this is test setup.
+    /// on a free port and waits (up to 10 s, blocking the calling thread) until it accepts
+    /// TCP connections. Retries with another port if the chosen one was taken in the
+    /// meantime. Panics with the server's log if it cannot be started: this is test setup.
     pub(crate) fn start(pki: &TestPki, opts: SServerOptions) -> SServer {
         let dir = TempDir::new("s_server").expect("create s_server temp dir");
         let identity = opts.identity.clone().unwrap_or_else(|| pki.server.clone());
@@ -73,63 +75,67 @@ impl SServer {
             .write_pem(dir.path(), "server")
             .expect("write s_server certificate files");
 
+        let mut args: Vec<String> = vec!["s_server".into()];
+        let mut push = |a: &str| args.push(a.to_owned());
+        push("-cert");
+        push(&files.cert.to_string_lossy());
+        push("-key");
+        push(&files.key.to_string_lossy());
+        if !identity.intermediates.is_empty() {
+            push("-cert_chain");
+            push(&files.intermediates.to_string_lossy());
+        }
+        push(match opts.mode {
+            SServerMode::Www => "-www",
+            SServerMode::Rev => "-rev",
+        });
+        match opts.version {
+            Some(v) if v == SslVersion::TLS1_2 => push("-tls1_2"),
+            Some(v) if v == SslVersion::TLS1_3 => push("-tls1_3"),
+            Some(v) => panic!("SServer supports only TLS 1.2 or 1.3, got {v:?}"),
+            None => {}
+        }
+        if let Some(alpn) = &opts.alpn {
+            push("-alpn");
+            push(alpn);
+        }
+        if opts.no_ticket {
+            push("-no_ticket");
+        }
+        args.extend(opts.extra_args.iter().cloned());
+
         let mut last_log = String::new();
-        for _attempt in 0..5 {
+        for attempt in 0..5 {
             let port = free_port().expect("find a free loopback port");
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let log_path = dir.join(&format!("s_server-{port}.log"));
+            let log_path = dir.join(&format!("s_server-{attempt}.log"));
             let log = File::create(&log_path).expect("create s_server log");
             let log_err = log.try_clone().expect("clone s_server log handle");
-
-            let mut cmd = Command::new("openssl");
-            cmd.arg("s_server")
+            let mut child = Command::new("openssl")
+                .args(&args)
                 .arg("-accept")
                 .arg(addr.to_string())
-                .arg("-cert")
-                .arg(&files.cert)
-                .arg("-key")
-                .arg(&files.key);
-            if !identity.intermediates.is_empty() {
-                cmd.arg("-cert_chain").arg(&files.intermediates);
-            }
-            cmd.arg(match opts.mode {
-                SServerMode::Www => "-www",
-                SServerMode::Rev => "-rev",
-            });
-            match opts.version {
-                Some(v) if v == SslVersion::TLS1_2 => {
-                    cmd.arg("-tls1_2");
-                }
-                Some(v) if v == SslVersion::TLS1_3 => {
-                    cmd.arg("-tls1_3");
-                }
-                Some(v) => panic!("SServer supports only TLS 1.2 or 1.3, got {v:?}"),
-                None => {}
-            }
-            if let Some(alpn) = &opts.alpn {
-                cmd.arg("-alpn").arg(alpn);
-            }
-            if opts.no_ticket {
-                cmd.arg("-no_ticket");
-            }
-            cmd.args(&opts.extra_args)
                 .stdin(Stdio::null())
                 .stdout(log)
-                .stderr(log_err);
-            let child = cmd.spawn().expect("spawn `openssl s_server`");
-            let mut server = SServer { child, addr, dir };
-
-            match server.wait_ready(Duration::from_secs(10)) {
-                Ok(()) => return server,
+                .stderr(log_err)
+                .spawn()
+                .expect("spawn `openssl s_server`");
+            match wait_ready(&mut child, addr, Duration::from_secs(10)) {
+                Ok(()) => {
+                    return SServer {
+                        child,
+                        addr,
+                        log_path,
+                        _dir: dir,
+                    }
+                }
                 Err(e) => {
+                    kill(&mut child);
                     last_log = fs::read_to_string(&log_path).unwrap_or_default();
-                    // Dropping kills and reaps the child; keep the temp dir for the retry.
-                    server.kill();
-                    let SServer { dir: d, .. } = server;
                     if !last_log.contains("in use") {
                         panic!("openssl s_server did not start: {e}\n--- log ---\n{last_log}");
                     }
-                    return Self::retry(pki, opts, d, last_log);
+                    // Port taken between probing and binding: try another one.
                 }
             }
         }
@@ -143,59 +149,50 @@ impl SServer {
 
     /// Everything the server has written to stdout and stderr so far.
     pub(crate) fn log(&self) -> String {
-        let mut out = String::new();
-        if let Ok(entries) = fs::read_dir(self.dir.path()) {
-            for e in entries.flatten() {
-                if e.path().extension().is_some_and(|x| x == "log") {
-                    out.push_str(&fs::read_to_string(e.path()).unwrap_or_default());
-                }
-            }
-        }
-        out
+        fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// The child's process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
-
-    fn retry(pki: &TestPki, opts: SServerOptions, dir: TempDir, log: String) -> SServer {
-        drop(dir);
-        let _ = log;
-        Self::start(pki, opts)
-    }
-
-    /// Waits until a TCP connect to the port succeeds, failing early if the child exits.
-    fn wait_ready(&mut self, timeout: Duration) -> io::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Err(io::Error::other(format!("s_server exited early: {status}")));
-            }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "s_server not accepting"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn kill(&mut self) {
-        // Child::kill signals this child's own PID (SIGKILL); wait reaps it.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Drop for SServer {
     fn drop(&mut self) {
-        self.kill();
+        kill(&mut self.child);
     }
+}
+
+/// Waits until a TCP connect to `addr` succeeds, failing early if `child` exits.
+fn wait_ready(child: &mut Child, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(io::Error::other(format!("s_server exited early: {status}")));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "s_server not accepting",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills `child` by its own PID (SIGKILL via `Child::kill`) and reaps it.
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A loopback port that was free a moment ago (bind port 0, read it, release it).
 fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }

@@ -21,7 +21,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use openssl::error::ErrorStack;
@@ -32,13 +33,13 @@ use openssl::ssl::{
     SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::{X509VerifyResult, X509};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_openssl::SslStream;
 
 use super::certs::{common_name, Identity, TestPki};
-use super::{test_log, TempDir};
+use super::{client_hello, test_log, TempDir};
 
 /// What a test server does with each accepted connection.
 ///
@@ -167,11 +168,12 @@ pub(crate) struct ConnInfo {
     pub(crate) handshake_done: bool,
     /// The handshake resumed a session (`SSL_session_reused`).
     pub(crate) resumed: bool,
-    /// SNI the client sent in this handshake, as seen by the servername callback (`None`
-    /// when it sent none).
+    /// SNI the client sent in this handshake, parsed from its raw ClientHello (`None` when
+    /// it sent none).
     pub(crate) sni: Option<String>,
-    /// `SSL_get_servername` after the handshake; differs from `sni` on a resumed TLS 1.2
-    /// handshake, where OpenSSL reports the session's name.
+    /// What OpenSSL's `SSL_get_servername` reports after the handshake. Differs from `sni`
+    /// on a resumed TLS 1.2 handshake: OpenSSL then reports the *session's* name, whatever
+    /// the client sent.
     pub(crate) servername_after: Option<String>,
     /// Negotiated ALPN protocol.
     pub(crate) alpn: Option<Vec<u8>>,
@@ -179,8 +181,9 @@ pub(crate) struct ConnInfo {
     pub(crate) version: Option<String>,
     /// Negotiated cipher (OpenSSL name).
     pub(crate) cipher: Option<String>,
-    /// Key-exchange group, e.g. `"X25519"` or `"prime256v1"` (`None` when OpenSSL no longer
-    /// holds the ephemeral key, or on a resumed TLS 1.2 handshake, which has no key exchange).
+    /// Key-exchange group, e.g. `"X25519"` or `"prime256v1"`, read from the ephemeral key
+    /// during the handshake (`None` on a resumed TLS 1.2 handshake, which has no key
+    /// exchange).
     pub(crate) group: Option<String>,
     /// Subject CNs of the client certificate and the chain it sent (leaf first); empty when
     /// the client sent none.
@@ -310,7 +313,12 @@ impl TestServerBuilder {
     }
 
     /// Presents `leaf` followed by `intermediates`, with `key`.
-    pub(crate) fn cert_chain(mut self, leaf: X509, intermediates: Vec<X509>, key: PKey<Private>) -> Self {
+    pub(crate) fn cert_chain(
+        mut self,
+        leaf: X509,
+        intermediates: Vec<X509>,
+        key: PKey<Private>,
+    ) -> Self {
         self.identity = Some(Identity::from_parts(leaf, key, intermediates));
         self
     }
@@ -418,9 +426,15 @@ impl TestServerBuilder {
         let (endpoint, accept_task, unix_dir) = match self.listen {
             Listen::Ipv4 | Listen::Ipv6 => {
                 let (socket, addr) = if self.listen == Listen::Ipv4 {
-                    (TcpSocket::new_v4()?, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                    (
+                        TcpSocket::new_v4()?,
+                        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                    )
                 } else {
-                    (TcpSocket::new_v6()?, SocketAddr::from((Ipv6Addr::LOCALHOST, 0)))
+                    (
+                        TcpSocket::new_v6()?,
+                        SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+                    )
                 };
                 socket.set_reuseaddr(true)?;
                 socket.bind(addr)?;
@@ -474,11 +488,10 @@ impl TestServerBuilder {
             b.set_num_tickets(0)?;
         }
 
-        b.set_servername_callback(|ssl, _alert| {
-            let sni = ssl.servername(NameType::HOST_NAME).map(str::to_owned);
-            ssl.set_ex_data(sni_index(), sni);
-            Ok(())
-        });
+        // Accept every SNI, as nginx does. Without a callback OpenSSL does not acknowledge
+        // the SNI nor store it in the session, and `servername_after` would then be `None`
+        // on a resumed TLS 1.2 handshake instead of the session's name.
+        b.set_servername_callback(|_ssl, _alert| Ok(()));
 
         match &self.alpn {
             AlpnPolicy::Off => {}
@@ -518,12 +531,6 @@ impl TestServerBuilder {
         }
         Ok(b.build().into_context())
     }
-}
-
-/// Index of the SNI captured by the servername callback in each `Ssl`'s ex data.
-fn sni_index() -> openssl::ex_data::Index<Ssl, Option<String>> {
-    static INDEX: OnceLock<openssl::ex_data::Index<Ssl, Option<String>>> = OnceLock::new();
-    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("allocate SSL ex data index"))
 }
 
 /// Iterates over the protocols of an ALPN wire-format list; stops at a malformed entry.
@@ -737,7 +744,12 @@ fn reset(stream: TcpStream) {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn handle_conn<S>(shared: &Shared, conf: &ConnConfig, id: usize, mut stream: S) -> Result<(), BoxError>
+async fn handle_conn<S>(
+    shared: &Shared,
+    conf: &ConnConfig,
+    id: usize,
+    mut stream: S,
+) -> Result<(), BoxError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -783,8 +795,18 @@ where
     match &conf.ctx {
         None => serve(shared, conf.behaviour, id, stream).await,
         Some(ctx) => {
-            let mut tls = SslStream::new(Ssl::new(ctx)?, stream)?;
-            let hs = tokio::time::timeout(conf.handshake_timeout, Pin::new(&mut tls).accept()).await;
+            let mut tls = SslStream::new(Ssl::new(ctx)?, Recorder::new(stream))?;
+            // Drive the handshake by hand to catch the ephemeral key while OpenSSL holds it:
+            // a TLS 1.2 server frees it as soon as it has processed the ClientKeyExchange.
+            let mut group = None;
+            let handshake = std::future::poll_fn(|cx| {
+                let poll = Pin::new(&mut tls).poll_accept(cx);
+                if group.is_none() {
+                    group = key_exchange_group(tls.ssl());
+                }
+                poll
+            });
+            let hs = tokio::time::timeout(conf.handshake_timeout, handshake).await;
             let failure = match hs {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(format!("TLS handshake failed: {e}")),
@@ -794,13 +816,20 @@ where
                 shared.handshake_failures.fetch_add(1, Ordering::SeqCst);
                 return Err(msg.into());
             }
-            record_handshake(shared, id, tls.ssl());
+            let client_hello = tls.get_mut().finish();
+            record_handshake(shared, id, tls.ssl(), group, &client_hello);
             serve(shared, conf.behaviour, id, tls).await
         }
     }
 }
 
-fn record_handshake(shared: &Shared, id: usize, ssl: &SslRef) {
+fn record_handshake(
+    shared: &Shared,
+    id: usize,
+    ssl: &SslRef,
+    group: Option<String>,
+    client_hello: &[u8],
+) {
     let resumed = ssl.session_reused();
     let mut client_cert_cns = Vec::new();
     let mut client_cert_verified = false;
@@ -815,12 +844,12 @@ fn record_handshake(shared: &Shared, id: usize, ssl: &SslRef) {
     let info = ConnInfo {
         handshake_done: true,
         resumed,
-        sni: ssl.ex_data(sni_index()).cloned().flatten(),
+        sni: client_hello::sni(client_hello),
         servername_after: ssl.servername(NameType::HOST_NAME).map(str::to_owned),
         alpn: ssl.selected_alpn_protocol().map(<[u8]>::to_vec),
         version: Some(ssl.version_str().to_owned()),
         cipher: ssl.current_cipher().map(|c| c.name().to_owned()),
-        group: key_exchange_group(ssl),
+        group: group.or_else(|| key_exchange_group(ssl)),
         client_cert_cns,
         client_cert_verified,
         ..ConnInfo::default()
@@ -838,8 +867,8 @@ fn record_handshake(shared: &Shared, id: usize, ssl: &SslRef) {
     }
 }
 
-/// Names the key-exchange group from the ephemeral keys OpenSSL still holds after the
-/// handshake (the crate has no binding for `SSL_get_negotiated_group`).
+/// Names the key-exchange group from the ephemeral keys OpenSSL currently holds (the crate
+/// has no binding for `SSL_get_negotiated_group`).
 fn key_exchange_group(ssl: &SslRef) -> Option<String> {
     fn name(id: Id, curve: Option<Nid>) -> Option<String> {
         match id {
@@ -871,7 +900,12 @@ async fn drain<S: AsyncRead + Unpin>(stream: &mut S) {
 }
 
 /// Runs the post-handshake behaviours on an established (TLS or plain) stream.
-async fn serve<S>(shared: &Shared, behaviour: Behaviour, id: usize, mut stream: S) -> Result<(), BoxError>
+async fn serve<S>(
+    shared: &Shared,
+    behaviour: Behaviour,
+    id: usize,
+    mut stream: S,
+) -> Result<(), BoxError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -896,14 +930,16 @@ where
     loop {
         let request = match idle_limit {
             None => read_request(&mut stream, &mut buf).await?,
-            Some(limit) => match tokio::time::timeout(limit, read_request(&mut stream, &mut buf)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    // Idle too long: close politely, like nginx's keepalive_timeout.
-                    stream.shutdown().await?;
-                    return Ok(());
+            Some(limit) => {
+                match tokio::time::timeout(limit, read_request(&mut stream, &mut buf)).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        // Idle too long: close politely, like nginx's keepalive_timeout.
+                        stream.shutdown().await?;
+                        return Ok(());
+                    }
                 }
-            },
+            }
         };
         if !request {
             // Client closed between requests: answer its close_notify with ours.
@@ -944,7 +980,10 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -
             break pos + 4;
         }
         if buf.len() > MAX_HEAD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too large",
+            ));
         }
         if read_more(stream, buf).await? == 0 {
             return if buf.is_empty() {
@@ -980,6 +1019,73 @@ async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> i
 }
 
 /// Position of `needle` in `haystack`.
-pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Most bytes [`Recorder`] keeps: far more than any ClientHello OpenSSL 3 sends.
+const RECORD_LIMIT: usize = 16 * 1024;
+
+/// Passes I/O through while keeping a copy of the first bytes the client sends (its
+/// ClientHello), so the server can report the SNI the client actually sent.
+#[derive(Debug)]
+struct Recorder<S> {
+    inner: S,
+    captured: Vec<u8>,
+    capturing: bool,
+}
+
+impl<S> Recorder<S> {
+    fn new(inner: S) -> Self {
+        Recorder {
+            inner,
+            captured: Vec::new(),
+            capturing: true,
+        }
+    }
+
+    /// Stops recording and returns what was captured.
+    fn finish(&mut self) -> Vec<u8> {
+        self.capturing = false;
+        std::mem::take(&mut self.captured)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorder<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.capturing {
+            if let Poll::Ready(Ok(())) = poll {
+                let new = &buf.filled()[before..];
+                let room = RECORD_LIMIT.saturating_sub(this.captured.len());
+                this.captured.extend_from_slice(&new[..new.len().min(room)]);
+                this.capturing = this.captured.len() < RECORD_LIMIT;
+            }
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
