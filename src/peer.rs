@@ -414,15 +414,24 @@ impl Peer {
         })
     }
 
-    /// Bound on the TCP connect. Defaults to the connector's `connection_timeout`.
+    /// Bound on the TCP connect. Defaults to the connector's `connection_timeout`. Zero is
+    /// `InvalidConfig`.
     pub fn with_connection_timeout(self, timeout: Duration) -> Peer {
-        self.edit(|inner| inner.connection_timeout = Some(timeout))
+        self.edit_checked(|inner| {
+            check_timeout("connection timeout", timeout)?;
+            inner.connection_timeout = Some(timeout);
+            Ok(())
+        })
     }
 
     /// Bound on TCP connect plus TLS handshake. Defaults to the connector's
-    /// `total_connection_timeout`.
+    /// `total_connection_timeout`. Zero is `InvalidConfig`.
     pub fn with_total_connection_timeout(self, timeout: Duration) -> Peer {
-        self.edit(|inner| inner.total_connection_timeout = Some(timeout))
+        self.edit_checked(|inner| {
+            check_timeout("total connection timeout", timeout)?;
+            inner.total_connection_timeout = Some(timeout);
+            Ok(())
+        })
     }
 
     /// How long a connection to this peer may sit idle in the pool. Defaults to the
@@ -554,6 +563,14 @@ fn check_hostname(what: &str, name: &str) -> std::result::Result<(), String> {
         return Err(format!(
             "{what} {name:?} contains byte 0x{bad:02x}; only printable ASCII without '/' is allowed (use punycode for IDNs)"
         ));
+    }
+    Ok(())
+}
+
+/// A zero dial timeout can never succeed; worse, it would fail as a (retryable) timeout.
+fn check_timeout(what: &str, timeout: Duration) -> std::result::Result<(), String> {
+    if timeout.is_zero() {
+        return Err(format!("{what} must be greater than zero"));
     }
     Ok(())
 }

@@ -113,6 +113,8 @@ pub(crate) enum Liveness {
 /// I/O errors on a connection that came from the pool, before its first byte was read, carry
 /// an [`Error`] with [`Error::reused`] set (recover it with [`Error::from_io`]): the upstream
 /// most likely closed it while it sat idle, and the request may be retried on a fresh one.
+/// An end of stream at that point (the upstream's FIN or close_notify) is reported the same
+/// way, as an `UnexpectedEof` error rather than `Ok(0)`.
 pub struct Connection {
     stream: Stream,
     digest: Option<Arc<SslDigest>>,
@@ -284,6 +286,7 @@ impl AsyncRead for Connection {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
+        let has_room = buf.remaining() > 0;
         let result = match &mut this.stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -292,6 +295,16 @@ impl AsyncRead for Connection {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     this.read_since_checkout = true;
+                } else if has_room && this.reused && !this.read_since_checkout {
+                    // End of stream before any byte on a pooled connection: the upstream closed
+                    // it while it sat idle (FIN or close_notify racing our request). Report it
+                    // like a reset, so callers have one retryable signal instead of an EOF
+                    // they would have to interpret.
+                    let eof = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before sending a byte",
+                    );
+                    return Poll::Ready(Err(this.annotate(eof)));
                 }
                 Poll::Ready(Ok(()))
             }
