@@ -244,7 +244,9 @@ impl Pool {
         {
             return;
         }
-        reaper::spawn(Arc::downgrade(self), self.limits.reap_interval);
+        if !reaper::spawn(Arc::downgrade(self), self.limits.reap_interval) {
+            self.reaper_started.store(false, Ordering::Release);
+        }
     }
 
     /// One reaper pass: evicts idle connections that expired, were closed by the upstream or

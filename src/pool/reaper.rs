@@ -6,6 +6,7 @@
 //! syscall unless something arrived. It holds only a `Weak` to the pool and exits when the
 //! pool is dropped.
 
+use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -13,14 +14,20 @@ use tokio::time::MissedTickBehavior;
 
 use super::Pool;
 
-/// Starts the reaper on the current tokio runtime; a no-op outside one (then expiry still
-/// happens lazily, at checkout).
-pub(super) fn spawn(pool: Weak<Pool>, interval: Duration) {
+/// Starts the reaper on the current tokio runtime. Returns `false` outside one (then expiry
+/// still happens lazily, at checkout, and the next release tries again).
+pub(super) fn spawn(pool: Weak<Pool>, interval: Duration) -> bool {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::debug!("no tokio runtime: idle connections are only evicted at checkout");
-        return;
+        return false;
     };
+    // The task also ends when its runtime shuts down while the pool lives on (a connector
+    // shared by several runtimes), possibly before its first poll: the guard is moved in
+    // unstarted so that dropping the task clears the flag either way, and the next release
+    // starts a reaper on a live runtime.
+    let running = Running(pool.clone());
     runtime.spawn(async move {
+        let _running = running;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -31,4 +38,16 @@ pub(super) fn spawn(pool: Weak<Pool>, interval: Duration) {
             pool.reap(std::time::Instant::now());
         }
     });
+    true
+}
+
+/// Clears `Pool::reaper_started` when the reaper task ends or is dropped.
+struct Running(Weak<Pool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.reaper_started.store(false, Ordering::Release);
+        }
+    }
 }
