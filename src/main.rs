@@ -1,6 +1,9 @@
-//! The `upstream-pool` command line: `bench` and `probe`.
+//! The `upstream-pool` command line: `bench` (load an upstream, embedded or real, and report
+//! what pooling, reuse and resumption buy) and `probe` (one connection, what it negotiated).
+//! See `upstream-pool --help`.
 
-fn main() {
-    eprintln!("upstream-pool: the CLI is not built yet");
-    std::process::exit(2);
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

@@ -72,6 +72,12 @@ impl Alpn {
         if wire.is_empty() {
             return Err(Error::config("ALPN protocol list is empty"));
         }
+        // Spell a standard offer the standard way, so equal offers make equal pool keys.
+        for named in [Alpn::H1, Alpn::H2, Alpn::H2H1] {
+            if named.to_wire() == wire.as_slice() {
+                return Ok(named);
+            }
+        }
         Ok(Alpn::Custom(wire.into()))
     }
 
@@ -445,9 +451,15 @@ impl Peer {
         self.edit(|inner| inner.bind_to = Some(addr))
     }
 
-    /// Enable TCP keepalive probes. Defaults to off.
+    /// Enable TCP keepalive probes. Defaults to off. The kernel counts in whole seconds:
+    /// `idle` and `interval` must be 1 to 32,767 s and `count` 1 to 127 (Linux's limits), else
+    /// `InvalidConfig`.
     pub fn with_tcp_keepalive(self, keepalive: TcpKeepalive) -> Peer {
-        self.edit(|inner| inner.tcp_keepalive = Some(keepalive))
+        self.edit_checked(|inner| {
+            check_keepalive(&keepalive)?;
+            inner.tcp_keepalive = Some(keepalive);
+            Ok(())
+        })
     }
 
     /// Set `TCP_NODELAY`. Defaults to `true`: proxies write whole requests and should not
@@ -571,6 +583,26 @@ fn check_hostname(what: &str, name: &str) -> std::result::Result<(), String> {
 fn check_timeout(what: &str, timeout: Duration) -> std::result::Result<(), String> {
     if timeout.is_zero() {
         return Err(format!("{what} must be greater than zero"));
+    }
+    Ok(())
+}
+
+/// Linux refuses keepalive values outside these ranges with `EINVAL` at every dial, which
+/// would surface as a (retryable) connect error instead of a configuration mistake.
+fn check_keepalive(ka: &TcpKeepalive) -> std::result::Result<(), String> {
+    const MAX_SECS: u64 = 32_767;
+    for (what, d) in [("idle", ka.idle), ("interval", ka.interval)] {
+        if !(1..=MAX_SECS).contains(&d.as_secs()) {
+            return Err(format!(
+                "TCP keepalive {what} {d:?} must be 1 to {MAX_SECS} whole seconds"
+            ));
+        }
+    }
+    if !(1..=127).contains(&ka.count) {
+        return Err(format!(
+            "TCP keepalive count {} must be 1 to 127",
+            ka.count
+        ));
     }
     Ok(())
 }

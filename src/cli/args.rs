@@ -35,8 +35,9 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) target: Option<String>,
 
-    /// Requests in flight at once (one task each).
-    #[arg(long, short = 'c', default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    /// Requests in flight at once (one task each), 1 to 10,000 (each may hold a connection,
+    /// and loopback has about 28,000 ephemeral ports).
+    #[arg(long, short = 'c', default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub(crate) concurrency: u32,
 
     /// How long to run: `10`, `10s`, `500ms`, `2m`. Defaults to 10s, or unlimited when
@@ -179,7 +180,11 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => 0.001,
         "m" | "min" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown duration unit {other:?}; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?}; use ms, s, m or h"
+            ))
+        }
     };
     let secs = value * scale;
     // Also rejects NaN, which compares false.
