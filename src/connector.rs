@@ -283,8 +283,15 @@ impl Connector {
             }
             .in_current_span(),
         );
-        rx.await
-            .unwrap_or_else(|_| Err(Error::internal("the dial task ended without a result")))
+        let result = rx
+            .await
+            .unwrap_or_else(|_| Err(Error::internal("the dial task ended without a result")));
+        // Counted here, not in the dial: a dial whose caller went away pools its connection
+        // and is not a checkout (the caller who takes it later counts as `reused`).
+        if let Ok(conn) = &result {
+            conn.lease.key_pool.metrics.checkout_new.increment(1);
+        }
+        result
     }
 }
 
@@ -349,7 +356,6 @@ impl Inner {
         };
         let mut conn = Connection::new(stream, digest, timing, lease);
         conn.mark_checked_out(false);
-        m.checkout_new.increment(1);
         Ok(conn)
     }
 }

@@ -18,6 +18,7 @@ use foreign_types_shared::{ForeignType, ForeignTypeRef};
 use openssl::ssl::{SslSession, SslSessionRef};
 use parking_lot::Mutex;
 
+use crate::connect::openssl_ext;
 use crate::key::{PeerKey, PrehashedState};
 
 /// A bounded LRU map from peer key to its latest TLS session.
@@ -120,9 +121,16 @@ impl Lru {
     }
 }
 
+/// Past the session's own timeout, or past the lifetime the server gave its ticket: OpenSSL
+/// keeps the two apart and would offer a TLS 1.2 ticket the server already considers expired.
 fn is_expired(session: &SslSessionRef) -> bool {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    session.time().saturating_add(session.timeout()) <= now
+    let mut lifetime = session.timeout();
+    let hint = openssl_ext::ticket_lifetime_hint(session);
+    if hint > 0 {
+        lifetime = lifetime.min(i64::try_from(hint).unwrap_or(i64::MAX));
+    }
+    session.time().saturating_add(lifetime) <= now
 }

@@ -5,11 +5,11 @@
     reason = "thin wrappers over OpenSSL calls the openssl crate lacks"
 )]
 
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::{c_char, c_int, c_ulong, c_void, CString};
 
-use foreign_types_shared::ForeignTypeRef;
+use foreign_types_shared::{ForeignType, ForeignTypeRef};
 use openssl::error::ErrorStack;
-use openssl::ssl::{SslRef, SslSessionRef};
+use openssl::ssl::{SslRef, SslSession, SslSessionRef};
 use openssl::x509::store::X509StoreRef;
 use openssl::x509::verify::X509VerifyParamRef;
 
@@ -21,6 +21,10 @@ extern "C" {
         name: *const c_char,
         namelen: usize,
     ) -> c_int;
+    // In libssl since 1.1.1; openssl-sys does not declare it either.
+    fn SSL_SESSION_dup(src: *const openssl_sys::SSL_SESSION) -> *mut openssl_sys::SSL_SESSION;
+    // In libssl since 1.1.1; openssl-sys does not declare it either.
+    fn SSL_SESSION_get_ticket_lifetime_hint(s: *const openssl_sys::SSL_SESSION) -> c_ulong;
 }
 
 /// Uses `store` to verify this connection's peer, taking a reference on it
@@ -87,6 +91,32 @@ pub(crate) fn set_session(ssl: &mut SslRef, session: &SslSessionRef) -> Result<(
     // SAFETY: `SslRef::set_session` requires that the session was created by the same context
     // as `ssl`; the per-connector cache guarantees that (see above).
     unsafe { ssl.set_session(session) }
+}
+
+/// A new session with the same contents as `session` (`SSL_SESSION_dup`), owned by the
+/// caller and attached to no connection.
+///
+/// OpenSSL changes flags on a session attached to a connection (it marks it not resumable
+/// after resuming it with TLS 1.3, or on a fatal alert), so the cache keeps and offers copies.
+pub(crate) fn dup_session(session: &SslSessionRef) -> Result<SslSession, ErrorStack> {
+    // SAFETY: `session` is a live SSL_SESSION; SSL_SESSION_dup only reads it and returns a new
+    // session holding one reference (or NULL on allocation failure), which `from_ptr` takes
+    // over, so it is freed exactly once when the `SslSession` drops.
+    unsafe {
+        let copy = SSL_SESSION_dup(session.as_ptr());
+        if copy.is_null() {
+            Err(ErrorStack::get())
+        } else {
+            Ok(SslSession::from_ptr(copy))
+        }
+    }
+}
+
+/// The lifetime the server gave the session's ticket, in seconds; 0 when it sent no ticket
+/// or left the lifetime unspecified. OpenSSL does not fold it into the session's timeout.
+pub(crate) fn ticket_lifetime_hint(session: &SslSessionRef) -> c_ulong {
+    // SAFETY: `session` is a live SSL_SESSION; the call only reads one field.
+    unsafe { SSL_SESSION_get_ticket_lifetime_hint(session.as_ptr()) }
 }
 
 /// Marks the connection as shut down in both directions without sending anything.

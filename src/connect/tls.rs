@@ -96,7 +96,12 @@ impl TlsConnector {
             );
             builder.set_new_session_callback(move |ssl, session| {
                 if let Some(key) = ssl.ex_data(key_index) {
-                    feed.put(key.clone(), session);
+                    // Cache a private copy: `session` stays attached to this connection,
+                    // and OpenSSL marks a connection's session not resumable on a fatal
+                    // alert, which must not spoil the cached one.
+                    if let Ok(copy) = openssl_ext::dup_session(&session) {
+                        feed.put(key.clone(), copy);
+                    }
                 }
             });
             Some(cache)
@@ -213,8 +218,13 @@ impl TlsConnector {
             if let Some(cache) = &self.sessions {
                 cfg.set_ex_data(self.key_index, key.clone());
                 if let Some(session) = cache.get(key) {
-                    // A session that cannot be set is simply not offered.
-                    if openssl_ext::set_session(&mut cfg, &session).is_ok() {
+                    // Offer a copy, never the cached session itself: a TLS 1.3 client marks
+                    // the session it resumed not resumable at the end of the handshake
+                    // ("use tickets once"), which would stop every later dial (a burst
+                    // included) from offering it. A session that cannot be copied or set is
+                    // simply not offered.
+                    let copy = openssl_ext::dup_session(&session);
+                    if copy.is_ok_and(|copy| openssl_ext::set_session(&mut cfg, &copy).is_ok()) {
                         offered = Some(session);
                     }
                 }

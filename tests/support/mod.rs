@@ -10,6 +10,8 @@
 //! - [`client`]: a plain tokio-openssl client and a tiny HTTP/1.1 reader, for driving test
 //!   servers (or streams handed out by the pool) without `upstream_pool`.
 //! - [`s_server`]: an `openssl s_server` child process ([`s_server::SServer`]).
+//! - [`chaos`]: a randomly misbehaving TLS upstream for load and soak tests
+//!   ([`chaos::ChaosServer`]).
 //! - [`client_hello`]: the SNI of a raw ClientHello (what test servers report as SNI).
 //! - Here: [`TempDir`], [`open_fds`] and [`wait_for_open_fds`].
 //!
@@ -22,6 +24,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod certs;
+pub(crate) mod chaos;
 pub(crate) mod client;
 pub(crate) mod client_hello;
 pub(crate) mod s_server;

@@ -76,6 +76,9 @@ pub(crate) enum Behaviour {
     RstAfterAccept,
     /// Read the first bytes (the ClientHello) and close without answering.
     CloseAfterClientHello,
+    /// Read the first bytes (the ClientHello), then close with `SO_LINGER` zero, so the
+    /// client gets a TCP RST mid-handshake (Unix sockets are just closed).
+    RstAfterClientHello,
 }
 
 impl Behaviour {
@@ -300,6 +303,7 @@ pub(crate) struct TestServerBuilder {
     groups: Option<String>,
     resumption: bool,
     tickets: bool,
+    session_timeout: Option<Duration>,
     behaviour: Behaviour,
     handshake_timeout: Duration,
 }
@@ -384,6 +388,14 @@ impl TestServerBuilder {
     /// tickets (OpenSSL's `SSL_OP_NO_TICKET` behaviour in 1.3).
     pub(crate) fn tickets(mut self, on: bool) -> Self {
         self.tickets = on;
+        self
+    }
+
+    /// Lifetime of the sessions the server issues (`SSL_CTX_set_timeout`, whole seconds;
+    /// also the ticket lifetime hint it sends). Default: OpenSSL's (7200 s). A session older
+    /// than this is no longer resumed by the server.
+    pub(crate) fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = Some(timeout);
         self
     }
 
@@ -482,6 +494,9 @@ impl TestServerBuilder {
         if !self.tickets {
             b.set_options(SslOptions::NO_TICKET);
         }
+        if let Some(timeout) = self.session_timeout {
+            set_session_timeout(&mut b, timeout);
+        }
         if !self.resumption {
             b.set_options(SslOptions::NO_TICKET);
             b.set_session_cache_mode(SslSessionCacheMode::OFF);
@@ -533,6 +548,26 @@ impl TestServerBuilder {
     }
 }
 
+extern "C" {
+    // In libssl since 0.9.8; openssl-sys does not declare it (and the crate has no binding).
+    fn SSL_CTX_set_timeout(ctx: *mut openssl_sys::SSL_CTX, t: std::ffi::c_long)
+        -> std::ffi::c_long;
+}
+
+/// `SSL_CTX_set_timeout`: the lifetime of the sessions this server context issues.
+#[allow(
+    unsafe_code,
+    reason = "SSL_CTX_set_timeout has no binding in the openssl crate; test support only"
+)]
+fn set_session_timeout(b: &mut openssl::ssl::SslContextBuilder, timeout: Duration) {
+    let secs = std::ffi::c_long::try_from(timeout.as_secs()).unwrap_or(std::ffi::c_long::MAX);
+    // SAFETY: `b.as_ptr()` is the live SSL_CTX owned by the builder and not yet shared with
+    // any other thread; SSL_CTX_set_timeout only stores the value.
+    unsafe {
+        SSL_CTX_set_timeout(b.as_ptr(), secs);
+    }
+}
+
 /// Iterates over the protocols of an ALPN wire-format list; stops at a malformed entry.
 fn alpn_protocols(wire: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = wire;
@@ -579,6 +614,7 @@ impl TestServer {
             groups: None,
             resumption: true,
             tickets: true,
+            session_timeout: None,
             behaviour: Behaviour::Http,
             handshake_timeout: Duration::from_secs(10),
         }
@@ -709,6 +745,12 @@ async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, conf: Arc<ConnCo
             shared.update(id, |c| c.closed = true);
             continue;
         }
+        if conf.behaviour == Behaviour::RstAfterClientHello {
+            // The connection task closes it after reading; with linger 0 that close is an RST.
+            if let Err(e) = stream.set_zero_linger() {
+                test_log!("test server: SO_LINGER 0 failed: {e}");
+            }
+        }
         let _ = stream.set_nodelay(true);
         spawn_conn(&shared, &conf, id, stream);
     }
@@ -778,7 +820,7 @@ where
             drain(&mut stream).await;
             return Ok(());
         }
-        Behaviour::CloseAfterClientHello => {
+        Behaviour::CloseAfterClientHello | Behaviour::RstAfterClientHello => {
             let mut buf = [0u8; 16 * 1024];
             let _ = stream.read(&mut buf).await?;
             return Ok(());
