@@ -226,12 +226,12 @@ async fn bench_compare_reports_three_runs_and_ratios() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_serves_prometheus_metrics_while_running() {
-    // Find a free port, then hand it to the child (a small race, acceptable in a test).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Find a free port below the ephemeral range (32768+), so the connections the bench
+    // itself opens cannot take it between this check and the child's bind.
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    let port = (start..32_000)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 32000");
     let addr = format!("127.0.0.1:{port}");
     let child = tokio::spawn({
         let addr = addr.clone();
@@ -248,7 +248,8 @@ async fn bench_serves_prometheus_metrics_while_running() {
         }
     });
     let mut scraped = String::new();
-    for _ in 0..50 {
+    // Scrape until the metrics show up or the bench ends (it runs 3 s; slower under load).
+    while !child.is_finished() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
             continue;
