@@ -84,6 +84,9 @@ struct Inner {
     context: String,
     peer: Option<String>,
     reused: bool,
+    /// The failure was the network's, not the peer's configuration (a reset during the
+    /// handshake), so a fresh attempt may succeed whatever the kind.
+    transient: bool,
 }
 
 impl Error {
@@ -94,6 +97,7 @@ impl Error {
                 context: context.into(),
                 peer: None,
                 reused: false,
+                transient: false,
             }),
         }
     }
@@ -116,6 +120,11 @@ impl Error {
         self
     }
 
+    pub(crate) fn with_transient(mut self) -> Self {
+        self.inner.transient = true;
+        self
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         self.inner.kind
@@ -124,11 +133,13 @@ impl Error {
     /// Whether trying again on a *fresh* connection may succeed.
     ///
     /// True for transport failures (refused, timed out, reset, a reused connection that turned
-    /// out to be closed) and for handshake timeouts. False where trying again would fail the
-    /// same way: certificate problems, bad configuration, TLS protocol failures, an exhausted
-    /// pool wait (the caller's deadline is already spent), internal errors.
+    /// out to be closed), for handshake timeouts, and for a `TlsHandshakeFailure` caused by the
+    /// network (a reset mid-handshake, e.g. a server restarting). False where trying
+    /// again would fail the same way: certificate problems, bad configuration, TLS protocol
+    /// failures, an exhausted pool wait (the caller's deadline is already spent), internal
+    /// errors.
     pub fn retryable(&self) -> bool {
-        if self.inner.reused {
+        if self.inner.reused || self.inner.transient {
             return true;
         }
         matches!(

@@ -599,10 +599,7 @@ fn check_keepalive(ka: &TcpKeepalive) -> std::result::Result<(), String> {
         }
     }
     if !(1..=127).contains(&ka.count) {
-        return Err(format!(
-            "TCP keepalive count {} must be 1 to 127",
-            ka.count
-        ));
+        return Err(format!("TCP keepalive count {} must be 1 to 127", ka.count));
     }
     Ok(())
 }

@@ -99,11 +99,6 @@ impl SessionCache {
             }
         }
     }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lru.lock().entries.len()
-    }
 }
 
 impl std::fmt::Debug for Lru {

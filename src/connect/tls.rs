@@ -262,15 +262,25 @@ fn classify_failure(stream: &SslStream<RawStream>, e: &openssl::ssl::Error) -> E
     if e.code() == ErrorCode::SSL && verify_failed {
         return Error::new(ErrorKind::InvalidCert, verify.error_string().to_string());
     }
-    let reason = match (e.ssl_error(), e.io_error()) {
-        (Some(stack), _) => stack.to_string(),
-        (None, Some(io)) => format!("I/O error during handshake: {io}"),
-        (None, None) if e.code() == ErrorCode::SYSCALL => {
-            "the server closed the connection during the handshake".to_string()
-        }
-        (None, None) => e.to_string(),
+    let (reason, transient) = match (e.ssl_error(), e.io_error()) {
+        (Some(stack), _) => (stack.to_string(), false),
+        (None, Some(io)) => (format!("I/O error during handshake: {io}"), true),
+        // A clean close mid-handshake is usually deliberate (a server refusing our offer),
+        // so unlike a reset it is not worth retrying.
+        (None, None) if e.code() == ErrorCode::SYSCALL => (
+            "the server closed the connection during the handshake".to_string(),
+            false,
+        ),
+        (None, None) => (e.to_string(), false),
     };
-    Error::new(ErrorKind::TlsHandshakeFailure, reason)
+    let err = Error::new(ErrorKind::TlsHandshakeFailure, reason);
+    // A reset mid-handshake is the network's doing (a server restarting, a load
+    // balancer dropping the connection), so a fresh attempt may well succeed.
+    if transient {
+        err.with_transient()
+    } else {
+        err
+    }
 }
 
 /// The names a certificate may carry for this peer: the SNI, the alternative CN, and for each
