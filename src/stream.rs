@@ -195,11 +195,12 @@ impl Connection {
                 },
             },
             Stream::Tls(tls) => {
-                // Decrypted bytes OpenSSL already holds would never show up as readiness.
-                if tls.ssl().pending() > 0 {
-                    return Liveness::UnexpectedData;
-                }
-                if tls.get_ref().poll_read_ready(&mut cx).is_pending() {
+                // Bytes OpenSSL already read from the socket (read-ahead) never show up as
+                // readiness again, so look at its buffer first; if it holds something, read to
+                // tell a session ticket from application data.
+                if !openssl_ext::has_pending(tls.ssl())
+                    && tls.get_ref().poll_read_ready(&mut cx).is_pending()
+                {
                     return Liveness::Alive;
                 }
                 let mut byte = [0u8; 1];

@@ -21,6 +21,8 @@ extern "C" {
         name: *const c_char,
         namelen: usize,
     ) -> c_int;
+    // In libssl since 1.1.0; openssl-sys does not declare it either.
+    fn SSL_has_pending(s: *const openssl_sys::SSL) -> c_int;
     // In libssl since 1.1.1; openssl-sys does not declare it either.
     fn SSL_SESSION_dup(src: *const openssl_sys::SSL_SESSION) -> *mut openssl_sys::SSL_SESSION;
     // In libssl since 1.1.1; openssl-sys does not declare it either.
@@ -117,6 +119,14 @@ pub(crate) fn dup_session(session: &SslSessionRef) -> Result<SslSession, ErrorSt
 pub(crate) fn ticket_lifetime_hint(session: &SslSessionRef) -> c_ulong {
     // SAFETY: `session` is a live SSL_SESSION; the call only reads one field.
     unsafe { SSL_SESSION_get_ticket_lifetime_hint(session.as_ptr()) }
+}
+
+/// Whether OpenSSL holds bytes of this connection it has not handed out yet: decrypted
+/// application data, or (with read-ahead) raw records already read from the socket.
+/// `SslRef::pending` only sees the former.
+pub(crate) fn has_pending(ssl: &SslRef) -> bool {
+    // SAFETY: a live SSL; the call only reads its buffers' state.
+    unsafe { SSL_has_pending(ssl.as_ptr()) == 1 }
 }
 
 /// Marks the connection as shut down in both directions without sending anything.

@@ -85,6 +85,9 @@ impl TlsConnector {
         builder
             .set_sigalgs_list(SIGALGS)
             .map_err(|e| tls_err("signature algorithms", e))?;
+        // Read whole records (and whatever follows) in one read instead of a 5-byte header
+        // read, then the body; the liveness check accounts for the bytes this buffers.
+        builder.set_read_ahead(true);
         let key_index = peer_key_index()?;
         let sessions = if session_cache_size > 0 {
             let cache = Arc::new(SessionCache::new(session_cache_size));
