@@ -101,22 +101,24 @@ impl Pool {
     /// Idle connections that are closed, have unread data or have expired are evicted on the
     /// way; the common case costs no syscall.
     pub(crate) fn checkout(&self, key: &PeerKey, peer: &Peer) -> Checkout {
+        // One clock read per checkout, taken before any lock.
+        let now = Instant::now();
+        let max = self.limits.max_connections_per_peer;
         loop {
-            let max = self.limits.max_connections_per_peer;
             let (found, expired) = match self.keys.get(key) {
-                Some(key_pool) => key_pool.checkout_locked(max),
+                Some(key_pool) => key_pool.checkout_locked(max, now),
                 None => self
                     .keys
                     .entry(key.clone())
                     .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
-                    .checkout_locked(max),
+                    .checkout_locked(max, now),
             };
             // Dropped here, outside every lock.
             drop(expired);
             let Checkout::Reused(mut conn) = found else {
                 return found;
             };
-            if let Some(reason) = self.unusable(&mut conn, Instant::now()) {
+            if let Some(reason) = self.unusable(&mut conn, now) {
                 conn.lease.key_pool.metrics.evicted(reason);
                 tracing::debug!(peer = %conn.lease.peer_description(), reason = reason.as_str(), "evicted at checkout");
                 continue;
@@ -282,10 +284,13 @@ impl Pool {
 impl KeyPool {
     /// Under this key's lock: pop the newest idle connection, else take a slot, else queue.
     /// Returns expired idle connections separately so the caller drops them unlocked.
-    fn checkout_locked(self: &Arc<Self>, cap: Option<usize>) -> (Checkout, Vec<Connection>) {
+    fn checkout_locked(
+        self: &Arc<Self>,
+        cap: Option<usize>,
+        now: Instant,
+    ) -> (Checkout, Vec<Connection>) {
         let mut expired = Vec::new();
         let mut state = self.state.lock();
-        let now = Instant::now();
         while let Some(idle) = state.idle.pop_back() {
             if now.saturating_duration_since(idle.since) >= idle.conn.lease.idle_timeout {
                 self.metrics.evicted(EvictionReason::IdleTimeout);
@@ -306,7 +311,8 @@ impl KeyPool {
     }
 
     fn is_unused(&self) -> bool {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
+        state.waiters.retain(|w| !w.is_closed());
         state.total == 0 && state.idle.is_empty() && state.waiters.is_empty()
     }
 }
