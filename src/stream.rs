@@ -116,6 +116,12 @@ pub(crate) enum Liveness {
 /// An end of stream at that point (the upstream's FIN or close_notify) is reported the same
 /// way, as an `UnexpectedEof` error rather than `Ok(0)`.
 pub struct Connection {
+    /// Boxed so that handing a connection through the pool (checkout, release, waiter
+    /// hand-off) moves one pointer instead of the whole state.
+    pub(crate) inner: Box<ConnectionInner>,
+}
+
+pub(crate) struct ConnectionInner {
     stream: Stream,
     digest: Option<Arc<SslDigest>>,
     timing: TimingDigest,
@@ -133,33 +139,35 @@ impl Connection {
         lease: Lease,
     ) -> Connection {
         Connection {
-            stream,
-            digest,
-            timing,
-            reused: false,
-            read_since_checkout: false,
-            lease,
+            inner: Box::new(ConnectionInner {
+                stream,
+                digest,
+                timing,
+                reused: false,
+                read_since_checkout: false,
+                lease,
+            }),
         }
     }
 
     /// Whether this connection came from the pool rather than a fresh dial.
     pub fn reused(&self) -> bool {
-        self.reused
+        self.inner.reused
     }
 
     /// What the TLS handshake negotiated; `None` for plaintext connections.
     pub fn digest(&self) -> Option<&SslDigest> {
-        self.digest.as_deref()
+        self.inner.digest.as_deref()
     }
 
     /// When and how fast the connection was established.
     pub fn timing(&self) -> &TimingDigest {
-        &self.timing
+        &self.inner.timing
     }
 
     /// The OpenSSL connection, for inspection; `None` for plaintext connections.
     pub fn ssl(&self) -> Option<&SslRef> {
-        match &self.stream {
+        match &self.inner.stream {
             Stream::Tls(s) => Some(s.ssl()),
             Stream::Plain(_) => None,
         }
@@ -167,13 +175,13 @@ impl Connection {
 
     /// How many times this connection has been handed out, including this one.
     pub fn uses(&self) -> u32 {
-        self.lease.uses
+        self.inner.lease.uses
     }
 
     pub(crate) fn mark_checked_out(&mut self, reused: bool) {
-        self.reused = reused;
-        self.read_since_checkout = false;
-        self.lease.uses = self.lease.uses.saturating_add(1);
+        self.inner.reused = reused;
+        self.inner.read_since_checkout = false;
+        self.inner.lease.uses = self.inner.lease.uses.saturating_add(1);
     }
 
     /// Checks, without blocking, whether this idle connection is still usable.
@@ -183,7 +191,7 @@ impl Connection {
     /// and other post-handshake records are consumed by OpenSSL and are not "unexpected".
     pub(crate) fn liveness(&mut self) -> Liveness {
         let mut cx = Context::from_waker(Waker::noop());
-        match &mut self.stream {
+        match &mut self.inner.stream {
             Stream::Plain(raw) => match raw.poll_read_ready(&mut cx) {
                 Poll::Pending => Liveness::Alive,
                 Poll::Ready(Err(_)) => Liveness::Closed,
@@ -217,14 +225,14 @@ impl Connection {
 
     /// Wraps an I/O error on a reused connection so callers can tell it is retryable.
     fn annotate(&self, err: io::Error) -> io::Error {
-        if !self.reused || self.read_since_checkout || Error::from_io(&err).is_some() {
+        if !self.inner.reused || self.inner.read_since_checkout || Error::from_io(&err).is_some() {
             return err;
         }
         let wrapped = Error::new(
             ErrorKind::ConnectError,
             format!("pooled connection failed before any response byte: {err}"),
         )
-        .with_peer(self.lease.peer_description())
+        .with_peer(self.inner.lease.peer_description())
         .with_reused(true);
         io::Error::new(err.kind(), wrapped)
     }
@@ -235,7 +243,7 @@ impl Connection {
 /// desynchronise the stream; do not.
 impl std::os::fd::AsFd for Connection {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        let raw = match &self.stream {
+        let raw = match &self.inner.stream {
             Stream::Plain(raw) => raw,
             Stream::Tls(tls) => tls.get_ref(),
         };
@@ -249,17 +257,17 @@ impl std::os::fd::AsFd for Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("peer", &self.lease.peer_description())
-            .field("tls", &self.digest.is_some())
-            .field("reused", &self.reused)
-            .field("uses", &self.lease.uses)
+            .field("peer", &self.inner.lease.peer_description())
+            .field("tls", &self.inner.digest.is_some())
+            .field("reused", &self.inner.reused)
+            .field("uses", &self.inner.lease.uses)
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if let Stream::Tls(tls) = &mut self.stream {
+        if let Stream::Tls(tls) = &mut self.inner.stream {
             // TLS 1.3 tickets arrive after the handshake; if they are already on the socket,
             // let OpenSSL read them so the session cache learns them before this connection
             // goes. Whatever else is read is discarded with the connection.
@@ -288,15 +296,15 @@ impl AsyncRead for Connection {
         let this = self.get_mut();
         let before = buf.filled().len();
         let has_room = buf.remaining() > 0;
-        let result = match &mut this.stream {
+        let result = match &mut this.inner.stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
         };
         match result {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    this.read_since_checkout = true;
-                } else if has_room && this.reused && !this.read_since_checkout {
+                    this.inner.read_since_checkout = true;
+                } else if has_room && this.inner.reused && !this.inner.read_since_checkout {
                     // End of stream before any byte on a pooled connection: the upstream closed
                     // it while it sat idle (FIN or close_notify racing our request). Report it
                     // like a reset, so callers have one retryable signal instead of an EOF
@@ -322,7 +330,7 @@ impl AsyncWrite for Connection {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = match &mut this.stream {
+        let result = match &mut this.inner.stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
         };
@@ -338,7 +346,7 @@ impl AsyncWrite for Connection {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = match &mut this.stream {
+        let result = match &mut this.inner.stream {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         };
@@ -349,7 +357,7 @@ impl AsyncWrite for Connection {
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
+        match &self.inner.stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
         }
@@ -357,7 +365,7 @@ impl AsyncWrite for Connection {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let result = match &mut this.stream {
+        let result = match &mut this.inner.stream {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
         };
@@ -368,7 +376,7 @@ impl AsyncWrite for Connection {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
+        match &mut self.get_mut().inner.stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }

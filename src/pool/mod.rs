@@ -119,11 +119,11 @@ impl Pool {
                 return found;
             };
             if let Some(reason) = self.unusable(&mut conn, now) {
-                conn.lease.key_pool.metrics.evicted(reason);
-                tracing::debug!(peer = %conn.lease.peer_description(), reason = reason.as_str(), "evicted at checkout");
+                conn.inner.lease.key_pool.metrics.evicted(reason);
+                tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "evicted at checkout");
                 continue;
             }
-            conn.lease.set_state(LeaseState::Active);
+            conn.inner.lease.set_state(LeaseState::Active);
             return Checkout::Reused(conn);
         }
     }
@@ -140,7 +140,7 @@ impl Pool {
     /// Why an idle connection must not be handed out, if it must not.
     fn unusable(&self, conn: &mut Connection, now: Instant) -> Option<EvictionReason> {
         if let Some(max) = self.limits.max_lifetime {
-            if now.saturating_duration_since(conn.lease.created) >= max {
+            if now.saturating_duration_since(conn.inner.lease.created) >= max {
                 return Some(EvictionReason::MaxLifetime);
             }
         }
@@ -156,23 +156,25 @@ impl Pool {
     pub(crate) fn release(self: &Arc<Self>, mut conn: Connection) {
         let now = Instant::now();
         let retire = match self.limits.max_uses {
-            Some(max) if conn.lease.uses >= max => Some(EvictionReason::MaxUses),
+            Some(max) if conn.inner.lease.uses >= max => Some(EvictionReason::MaxUses),
             _ => self.unusable(&mut conn, now),
         };
         if let Some(reason) = retire {
-            conn.lease.key_pool.metrics.evicted(reason);
-            tracing::debug!(peer = %conn.lease.peer_description(), reason = reason.as_str(), "not pooled at release");
+            conn.inner.lease.key_pool.metrics.evicted(reason);
+            tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "not pooled at release");
             return;
         }
-        let key_pool = Arc::clone(&conn.lease.key_pool);
+        let key_pool = Arc::clone(&conn.inner.lease.key_pool);
         let surplus = {
             let mut state = key_pool.state.lock();
-            match lease::offer_to_waiters(&mut state.waiters, Handoff::Conn(conn)) {
-                None => return,
-                Some(Handoff::Conn(back)) => conn = back,
-                Some(Handoff::Slot(_)) => unreachable!("offer returns the value it was given"),
+            if !state.waiters.is_empty() {
+                match lease::offer_to_waiters(&mut state.waiters, Handoff::Conn(conn)) {
+                    None => return,
+                    Some(Handoff::Conn(back)) => conn = back,
+                    Some(Handoff::Slot(_)) => unreachable!("offer returns the value it was given"),
+                }
             }
-            conn.lease.set_state(LeaseState::Idle);
+            conn.inner.lease.set_state(LeaseState::Idle);
             state.idle.push_back(Idle { conn, since: now });
             if state.idle.len() > self.limits.max_idle_per_peer {
                 state.idle.pop_front()
@@ -220,7 +222,7 @@ impl Pool {
 
     /// Whether `conn` was created by this pool (and may be released into it).
     pub(crate) fn owns(&self, conn: &Connection) -> bool {
-        Arc::ptr_eq(&conn.lease.key_pool.idle_total, &self.idle_total)
+        Arc::ptr_eq(&conn.inner.lease.key_pool.idle_total, &self.idle_total)
     }
 
     /// Idle connections across all keys.
@@ -260,12 +262,13 @@ impl Pool {
             let mut i = 0;
             while i < state.idle.len() {
                 let idle = &mut state.idle[i];
-                let reason =
-                    if now.saturating_duration_since(idle.since) >= idle.conn.lease.idle_timeout {
-                        Some(EvictionReason::IdleTimeout)
-                    } else {
-                        self.unusable(&mut idle.conn, now)
-                    };
+                let reason = if now.saturating_duration_since(idle.since)
+                    >= idle.conn.inner.lease.idle_timeout
+                {
+                    Some(EvictionReason::IdleTimeout)
+                } else {
+                    self.unusable(&mut idle.conn, now)
+                };
                 match reason.and_then(|r| state.idle.remove(i).map(|idle| (r, idle.conn))) {
                     Some(gone) => evicted.push(gone),
                     None => i += 1,
@@ -273,8 +276,8 @@ impl Pool {
             }
         }
         for (reason, conn) in evicted {
-            conn.lease.key_pool.metrics.evicted(reason);
-            tracing::debug!(peer = %conn.lease.peer_description(), reason = reason.as_str(), "evicted idle connection");
+            conn.inner.lease.key_pool.metrics.evicted(reason);
+            tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "evicted idle connection");
             drop(conn);
         }
         self.keys.retain(|_, key_pool| !key_pool.is_unused());
@@ -292,7 +295,7 @@ impl KeyPool {
         let mut expired = Vec::new();
         let mut state = self.state.lock();
         while let Some(idle) = state.idle.pop_back() {
-            if now.saturating_duration_since(idle.since) >= idle.conn.lease.idle_timeout {
+            if now.saturating_duration_since(idle.since) >= idle.conn.inner.lease.idle_timeout {
                 self.metrics.evicted(EvictionReason::IdleTimeout);
                 expired.push(idle.conn);
                 continue;
