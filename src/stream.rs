@@ -1,6 +1,7 @@
 //! A live upstream connection: [`Connection`], what was negotiated ([`SslDigest`]) and how long
 //! it took ([`TimingDigest`]).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -190,9 +191,12 @@ impl Connection {
     /// (nothing arrived) costs no syscall. Only when it did do we read: TLS 1.3 session tickets
     /// and other post-handshake records are consumed by OpenSSL and are not "unexpected".
     pub(crate) fn liveness(&mut self) -> Liveness {
-        let mut cx = Context::from_waker(Waker::noop());
+        poll_once_unbudgeted(|cx| self.liveness_in(cx))
+    }
+
+    fn liveness_in(&mut self, cx: &mut Context<'_>) -> Liveness {
         match &mut self.inner.stream {
-            Stream::Plain(raw) => match raw.poll_read_ready(&mut cx) {
+            Stream::Plain(raw) => match raw.poll_read_ready(cx) {
                 Poll::Pending => Liveness::Alive,
                 Poll::Ready(Err(_)) => Liveness::Closed,
                 Poll::Ready(Ok(())) => match raw.try_read(&mut [0u8; 1]) {
@@ -207,13 +211,13 @@ impl Connection {
                 // readiness again, so look at its buffer first; if it holds something, read to
                 // tell a session ticket from application data.
                 if !openssl_ext::has_pending(tls.ssl())
-                    && tls.get_ref().poll_read_ready(&mut cx).is_pending()
+                    && tls.get_ref().poll_read_ready(cx).is_pending()
                 {
                     return Liveness::Alive;
                 }
                 let mut byte = [0u8; 1];
                 let mut buf = ReadBuf::new(&mut byte);
-                match Pin::new(tls).poll_read(&mut cx, &mut buf) {
+                match Pin::new(tls).poll_read(cx, &mut buf) {
                     Poll::Pending => Liveness::Alive,
                     Poll::Ready(Ok(())) if buf.filled().is_empty() => Liveness::Closed,
                     Poll::Ready(Ok(())) => Liveness::UnexpectedData,
@@ -254,6 +258,27 @@ impl std::os::fd::AsFd for Connection {
     }
 }
 
+/// Runs `f` once with a no-op waker, outside tokio's cooperative budget.
+///
+/// The pool's probes must see the socket as it is: once a task has spent its budget, tokio
+/// answers every readiness poll with `Pending`, which would make a closed connection look
+/// alive. Registering the no-op waker is harmless: an idle connection has no task to wake.
+fn poll_once_unbudgeted<T>(f: impl FnOnce(&mut Context<'_>) -> T) -> T {
+    let mut f = Some(f);
+    let mut probe = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(
+        move |cx| match f.take() {
+            Some(f) => Poll::Ready(Some(f(cx))),
+            None => Poll::Ready(None),
+        }
+    )));
+    let mut cx = Context::from_waker(Waker::noop());
+    match probe.as_mut().poll(&mut cx) {
+        Poll::Ready(Some(value)) => value,
+        // `poll_fn` above is ready on its first poll, and this is its first poll.
+        Poll::Ready(None) | Poll::Pending => unreachable!("probe is polled exactly once"),
+    }
+}
+
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
@@ -272,15 +297,16 @@ impl Drop for Connection {
             // let OpenSSL read them so the session cache learns them before this connection
             // goes. Whatever else is read is discarded with the connection.
             if tls.ssl().version2() == Some(SslVersion::TLS1_3) {
-                let mut cx = Context::from_waker(Waker::noop());
-                let mut scratch = [0u8; 256];
-                for _ in 0..4 {
-                    let mut buf = ReadBuf::new(&mut scratch);
-                    match Pin::new(&mut *tls).poll_read(&mut cx, &mut buf) {
-                        Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
-                        _ => break,
+                poll_once_unbudgeted(|cx| {
+                    let mut scratch = [0u8; 256];
+                    for _ in 0..4 {
+                        let mut buf = ReadBuf::new(&mut scratch);
+                        match Pin::new(&mut *tls).poll_read(cx, &mut buf) {
+                            Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                            _ => break,
+                        }
                     }
-                }
+                });
             }
             openssl_ext::mark_shut_down(tls.ssl());
         }

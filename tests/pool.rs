@@ -331,6 +331,50 @@ async fn tls_and_plaintext_to_the_same_address_do_not_share() {
     assert_eq!(c.idle_count_for(&plain), 1);
 }
 
+/// A task that has spent tokio's cooperative budget (128 ready operations in one poll) still
+/// gets a truthful liveness check: with the budget spent, tokio answers readiness polls with
+/// `Pending`, which must not make a closed connection look alive.
+#[tokio::test]
+async fn closed_connection_not_handed_out_when_the_task_budget_is_spent() {
+    for plaintext in [false, true] {
+        let server = if plaintext {
+            TestServer::builder().plaintext().start()
+        } else {
+            TestServer::start(Behaviour::Http)
+        };
+        let peer = if plaintext {
+            Peer::tcp(server.addr())
+        } else {
+            tls_peer(&server)
+        };
+        let c = connector(|o| o.reap_interval = NO_REAPER);
+        // Released without an exchange: for TLS 1.3 the session tickets are still unread, so
+        // the check at checkout has to read through OpenSSL (a budgeted poll) to see the FIN.
+        let conn = c.get(&peer).await.unwrap();
+        c.release(conn);
+        server.wait_for(|s| s.handshakes == 1 || plaintext).await;
+        server.close_connections();
+        server.wait_for(|s| s.conns[0].closed).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // Spend the budget: ready receives, one unit each, until none is left.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..1024 {
+            tx.send(i).unwrap();
+        }
+        while tokio::task::coop::has_budget_remaining() {
+            rx.recv().await.unwrap();
+        }
+        let mut conn = c.get(&peer).await.unwrap();
+        assert!(
+            !conn.reused(),
+            "plaintext={plaintext}: a closed connection was handed out with the budget spent"
+        );
+        assert_ne!(exchange(&mut conn).await, 0);
+        assert_eq!(server.stats().accepted, 2);
+    }
+}
+
 /// The server closes the idle connection; with the reaper off, the next `get` must notice at
 /// checkout, dial fresh and succeed.
 async fn server_close_then_get_dials_fresh(server: &TestServer, peer: &Peer, close: bool) {

@@ -1,0 +1,286 @@
+//! The pool hit path side by side with Pingora 0.9.1, one criterion group per scenario:
+//!
+//! - `ours`: `Connector::get` + `Connector::release` (metrics, idle timestamps and caps on;
+//!   exactly the code of `benches/pool.rs`, shared through `benches/common/hit.rs`).
+//! - `pingora_pool`: `pingora_pool::ConnectionPool::get` + the one-byte non-blocking read
+//!   Pingora's connector does before handing a pooled stream out + `put`.
+//! - `pingora_connector`: `pingora_core::connectors::TransportConnector::reused_stream` +
+//!   `release_stream` (which spawns its idle-watch task), with `new_stream` when
+//!   `reused_stream` misses, as `get_stream` would.
+//!
+//! Plaintext TCP to a child process that accepts and holds the sockets; 1 and 10,000 keys;
+//! one task on a current-thread runtime and two threads contending.
+//!
+//! ```text
+//! cd benches/peers && cargo bench
+//! ```
+
+#[path = "../../common/mod.rs"]
+mod common;
+
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Waker};
+use std::time::Duration;
+
+use common::child::{ChildUpstream, Upstream};
+use common::hit::{self, key_index, one_task, per_key, two_threads, Threads, SCENARIOS};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion};
+use pingora_core::connectors::{ConnectorOptions, TransportConnector};
+use pingora_core::upstreams::peer::{HttpPeer, Peer as _};
+use pingora_pool::{ConnectionMeta, ConnectionPool};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
+use tokio::task::JoinSet;
+
+/// Idle timeout handed to Pingora's idle watcher: the same 60 s as ours.
+const IDLE: Duration = Duration::from_secs(60);
+
+fn main() {
+    common::child::run_if_child();
+    common::raise_nofile_limit();
+    common::install_recorder();
+    common::print_header("peers");
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30)
+        .configure_from_args();
+    for (threads, keys) in SCENARIOS {
+        let mut group = c.benchmark_group(hit::group_name(threads, keys));
+        hit::bench_ours(&mut group, threads, keys);
+        bench_pingora_pool(&mut group, threads, keys);
+        bench_pingora_connector(&mut group, threads, keys);
+        group.finish();
+    }
+    c.final_summary();
+}
+
+fn runtime(threads: Threads) -> Runtime {
+    match threads {
+        Threads::One => hit::current_thread(),
+        Threads::Two => hit::two_workers(),
+    }
+}
+
+/// Pingora's connection pool alone, holding plain tokio `TcpStream`s.
+struct PingoraPool {
+    pool: ConnectionPool<TcpStream>,
+    /// One group key per peer key. Pingora keys are `u64` hashes the caller computes;
+    /// they are precomputed here, which favours Pingora slightly.
+    keys: Vec<u64>,
+    misses: AtomicU64,
+    _upstream: ChildUpstream,
+}
+
+impl PingoraPool {
+    fn new(rt: &Runtime, keys: usize, per_key: usize) -> PingoraPool {
+        let upstream = ChildUpstream::spawn(&Upstream::PlainHold).expect("child upstream");
+        let pool = ConnectionPool::new(keys * per_key + 1024);
+        let keys: Vec<u64> = (0..keys as u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
+        let addr = upstream.addr();
+        rt.block_on(async {
+            for chunk in keys.chunks(256) {
+                let mut set = JoinSet::new();
+                for &key in chunk {
+                    for _ in 0..per_key {
+                        set.spawn(async move {
+                            let s = TcpStream::connect(addr).await.expect("connect");
+                            s.set_nodelay(true).expect("nodelay");
+                            (key, s)
+                        });
+                    }
+                }
+                while let Some(res) = set.join_next().await {
+                    let (key, s) = res.expect("join");
+                    let meta = ConnectionMeta::new(key, s.as_raw_fd());
+                    drop(pool.put(&meta, s));
+                }
+            }
+        });
+        PingoraPool {
+            pool,
+            keys,
+            misses: AtomicU64::new(0),
+            _upstream: upstream,
+        }
+    }
+
+    /// get + the connector's reusability check + put.
+    fn hit(&self, key: u64) {
+        let Some(mut stream) = self.pool.get(&key) else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !reusable(&mut stream) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let meta = ConnectionMeta::new(key, stream.as_raw_fd());
+        drop(self.pool.put(&meta, stream));
+    }
+}
+
+/// What Pingora's connector does before handing out (and before pooling) a stream: poll a
+/// one-byte read once, outside tokio's cooperative budget; `Pending` means idle and healthy.
+/// (Pingora writes it with `FutureExt::now_or_never`, which also polls once with a no-op
+/// waker.)
+fn reusable(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    let mut read = pin!(tokio::task::unconstrained(stream.read(&mut buf)));
+    let mut cx = Context::from_waker(Waker::noop());
+    read.as_mut().poll(&mut cx).is_pending()
+}
+
+fn bench_pingora_pool(group: &mut BenchmarkGroup<'_, WallTime>, threads: Threads, keys: usize) {
+    if !common::selected(&format!("{}/pingora_pool", hit::group_name(threads, keys))) {
+        return;
+    }
+    let rt = runtime(threads);
+    let fx = PingoraPool::new(&rt, keys, per_key(threads, keys));
+    group.bench_function("pingora_pool", |b| match threads {
+        Threads::One => b.iter_custom(|iters| {
+            let fx = &fx;
+            one_task(&rt, iters, |j| {
+                let key = fx.keys[key_index(threads, keys, 0, j)];
+                async move { fx.hit(key) }
+            })
+        }),
+        Threads::Two => b.iter_custom(|iters| {
+            two_threads(&rt, iters, |t, iters| {
+                let fx = &fx;
+                async move {
+                    for j in 0..iters {
+                        fx.hit(fx.keys[key_index(threads, keys, t, j)]);
+                    }
+                }
+            })
+        }),
+    });
+    eprintln!(
+        "[{}] pingora_pool: {} misses (found nothing, or the check failed)",
+        hit::group_name(threads, keys),
+        fx.misses.load(Ordering::Relaxed)
+    );
+}
+
+/// Pingora's `TransportConnector` with its own pool and idle-watch tasks.
+struct PingoraConnector {
+    connector: Arc<TransportConnector>,
+    peers: Vec<HttpPeer>,
+    reuses: AtomicU64,
+    misses: AtomicU64,
+    _upstream: ChildUpstream,
+}
+
+impl PingoraConnector {
+    fn new(rt: &Runtime, keys: usize, per_key: usize) -> PingoraConnector {
+        let upstream = ChildUpstream::spawn(&Upstream::PlainHold).expect("child upstream");
+        let connector = Arc::new(TransportConnector::new(Some(ConnectorOptions::new(
+            keys * per_key + 1024,
+        ))));
+        let peers: Vec<HttpPeer> = (0..keys as u64)
+            .map(|i| {
+                let mut p = HttpPeer::new(upstream.addr(), false, String::new());
+                p.group_key = i;
+                p
+            })
+            .collect();
+        rt.block_on(async {
+            let mut held = Vec::new();
+            for chunk in peers.chunks(256) {
+                let mut set = JoinSet::new();
+                for peer in chunk {
+                    for _ in 0..per_key {
+                        let (c, p) = (connector.clone(), peer.clone());
+                        set.spawn(async move {
+                            let s = c.new_stream(&p).await.expect("pingora new_stream");
+                            (p.reuse_hash(), s)
+                        });
+                    }
+                }
+                while let Some(res) = set.join_next().await {
+                    held.push(res.expect("join"));
+                }
+            }
+            for (hash, s) in held {
+                connector.release_stream(s, hash, Some(IDLE));
+            }
+            // Let the idle-watch tasks start before measuring.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        PingoraConnector {
+            connector,
+            peers,
+            reuses: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            _upstream: upstream,
+        }
+    }
+
+    /// reused_stream + release_stream; a miss dials a new stream (what `get_stream` does).
+    async fn hit(&self, peer: &HttpPeer) {
+        let stream = match self.connector.reused_stream(peer).await {
+            Some(s) => {
+                self.reuses.fetch_add(1, Ordering::Relaxed);
+                s
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.connector
+                    .new_stream(peer)
+                    .await
+                    .expect("pingora new_stream")
+            }
+        };
+        self.connector
+            .release_stream(stream, peer.reuse_hash(), Some(IDLE));
+    }
+}
+
+fn bench_pingora_connector(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    threads: Threads,
+    keys: usize,
+) {
+    if !common::selected(&format!(
+        "{}/pingora_connector",
+        hit::group_name(threads, keys)
+    )) {
+        return;
+    }
+    let rt = runtime(threads);
+    let fx = PingoraConnector::new(&rt, keys, per_key(threads, keys));
+    group.bench_function("pingora_connector", |b| match threads {
+        Threads::One => b.iter_custom(|iters| {
+            let fx = &fx;
+            one_task(&rt, iters, |j| {
+                fx.hit(&fx.peers[key_index(threads, keys, 0, j)])
+            })
+        }),
+        Threads::Two => b.iter_custom(|iters| {
+            two_threads(&rt, iters, |t, iters| {
+                let fx = &fx;
+                async move {
+                    for j in 0..iters {
+                        fx.hit(&fx.peers[key_index(threads, keys, t, j)]).await;
+                    }
+                }
+            })
+        }),
+    });
+    eprintln!(
+        "[{}] pingora_connector: {} reuses, {} misses (healthy idle stream not handed out: \
+         dialled anew)",
+        hit::group_name(threads, keys),
+        fx.reuses.load(Ordering::Relaxed),
+        fx.misses.load(Ordering::Relaxed)
+    );
+}
