@@ -294,7 +294,11 @@ impl Connector {
             }
             .in_current_span(),
         );
-        let result = rx
+        let mut pending = PendingDial {
+            rx,
+            pool: Arc::clone(&self.inner.pool),
+        };
+        let result = (&mut pending.rx)
             .await
             .unwrap_or_else(|_| Err(Error::internal("the dial task ended without a result")));
         // Counted here, not in the dial: a dial whose caller went away pools its connection
@@ -303,6 +307,22 @@ impl Connector {
             conn.inner.lease.key_pool.metrics.checkout_new.increment(1);
         }
         result
+    }
+}
+
+/// The caller's end of a background dial. If the caller goes away after the dial sent its
+/// connection but before it was received, the connection would be dropped with the channel;
+/// pool it instead, as the dial task does when it finds the caller already gone.
+struct PendingDial {
+    rx: oneshot::Receiver<Result<Connection>>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for PendingDial {
+    fn drop(&mut self) {
+        if let Ok(Ok(conn)) = self.rx.try_recv() {
+            self.pool.release(conn);
+        }
     }
 }
 
