@@ -16,7 +16,7 @@ mod reaper;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -49,13 +49,19 @@ pub(crate) struct Pool {
     idle_total: Arc<AtomicUsize>,
     limits: Limits,
     reaper_started: AtomicBool,
+    /// The one set of metric handles all keys share when metrics have no `peer` label:
+    /// registered once, and at 10,000 keys one set of hot cache lines instead of one per key.
+    /// Made with the first key (not in `new`) so it registers with the recorder in force
+    /// where the pool is first used, as per-key handles do.
+    unlabelled_metrics: OnceLock<Arc<PeerMetrics>>,
 }
 
 /// One key's connections.
 pub(crate) struct KeyPool {
     /// `address SNI "name"`, for error messages and traces.
     pub(crate) description: String,
-    pub(crate) metrics: PeerMetrics,
+    /// Shared by every key when metrics carry no `peer` label (the default).
+    pub(crate) metrics: Arc<PeerMetrics>,
     idle_total: Arc<AtomicUsize>,
     state: Mutex<KeyState>,
 }
@@ -93,6 +99,7 @@ impl Pool {
             idle_total: Arc::new(AtomicUsize::new(0)),
             limits,
             reaper_started: AtomicBool::new(false),
+            unlabelled_metrics: OnceLock::new(),
         }
     }
 
@@ -131,7 +138,14 @@ impl Pool {
     fn new_key_pool(&self, peer: &Peer) -> KeyPool {
         KeyPool {
             description: peer.describe(),
-            metrics: PeerMetrics::new(self.limits.peer_label.then(|| peer.name())),
+            metrics: if self.limits.peer_label {
+                Arc::new(PeerMetrics::new(Some(peer.name())))
+            } else {
+                Arc::clone(
+                    self.unlabelled_metrics
+                        .get_or_init(|| Arc::new(PeerMetrics::new(None))),
+                )
+            },
             idle_total: Arc::clone(&self.idle_total),
             state: Mutex::new(KeyState::default()),
         }
