@@ -18,6 +18,9 @@
 # - Full handshakes: `s_time -new` vs `bench --resume off` (session cache off).
 #   Resumed: `s_time -reuse` vs `bench --resume on` (each new connection offers the cached
 #   session/ticket; the server's TLS 1.3 tickets are read with the response).
+# - Both clients run on one thread: s_time is single-threaded, and `bench --threads 1` uses a
+#   current-thread runtime (on the default multi-thread runtime every dial wakes the other
+#   vCPU, which costs more kernel time than our own code on this machine).
 # - Same server process, certificate (RSA 2048, self-signed, generated here), protocol
 #   (TLS 1.3 by default on both sides), no SNI (the target is an IP address), no
 #   certificate verification (`s_time` verifies nothing without -verify; `bench --insecure`).
@@ -97,7 +100,7 @@ field() { grep -o "\"$2\":[0-9.eE+-]*" "$1" | head -1 | cut -d: -f2; }
 bench_rate() {
     local t json=$TMP/bench-$1.json req opened errors full resumed
     t=$(timed "$json" "$BIN" bench --target "127.0.0.1:$PORT" --insecure --reuse off \
-        --resume "$1" --concurrency 1 --duration "${DURATION}s" --json)
+        --resume "$1" --concurrency 1 --threads 1 --duration "${DURATION}s" --json)
     req=$(field "$json" requests); opened=$(field "$json" connections_opened)
     errors=$(field "$json" errors); full=$(field "$json" full); resumed=$(field "$json" resumed)
     [ -n "$req" ] && [ -n "$opened" ] || { echo "compare_openssl: cannot parse bench output:" >&2; cat "$json" >&2; exit 1; }
@@ -128,14 +131,19 @@ done
 
 # col FILE N: median of column N
 col() { awk -v n="$2" '{ print $n }' "$1" | median; }
+# paired O U N: median over rounds of (ours / OpenSSL) in column N. The two runs of a round
+# are back to back, so their ratio cancels most of the machine's drift between rounds.
+paired() { paste "$TMP/$1" "$TMP/$2" | awk -v n="$3" '{ print $(n + 2) / $n }' | median; }
 row() {
     local label=$1 o=$2 u=$3 c=$4
     awk -v l="$label" -v o="$(col "$TMP/$o" "$c")" -v u="$(col "$TMP/$u" "$c")" \
-        'BEGIN { printf "%-36s %14.1f %14.1f %8.3f\n", l, o, u, u / o }'
+        -v p="$(paired "$o" "$u" "$c")" \
+        'BEGIN { printf "%-36s %14.1f %14.1f %8.3f %8.3f\n", l, o, u, u / o, p }'
 }
 echo
 echo "serial connections (TCP + TLS + one GET + close); medians of $ROUNDS round(s) of ${DURATION} s"
-printf '%-36s %14s %14s %8s\n' "" "openssl s_time" "upstream-pool" "ours/ssl"
+echo "(ours/ssl: ratio of the medians; paired: median of the per-round ratios)"
+printf '%-36s %14s %14s %8s %8s\n' "" "openssl s_time" "upstream-pool" "ours/ssl" "paired"
 row "full handshake, per second"        new.openssl   new.ours   1
 row "full handshake, per client CPU-s"  new.openssl   new.ours   2
 row "resumed, per second"               reuse.openssl reuse.ours 1

@@ -164,10 +164,13 @@ async fn bench_with_resume_off_does_only_full_handshakes() {
         "off",
         "-c",
         "4",
+        // One thread: client and embedded upstream share a current-thread runtime.
+        "--threads",
+        "1",
         "--json",
     ])
     .await;
-    assert_code(&out, 0, "bench --resume off");
+    assert_code(&out, 0, "bench --resume off --threads 1");
     let v = json(&out);
     assert_eq!(v["requests"], 60, "{v}");
     assert_eq!(v["handshakes"]["resumed"], 0, "{v}");
@@ -408,6 +411,7 @@ async fn bad_flags_exit_2_with_a_message() {
     let cases: &[&[&str]] = &[
         &["bench", "--no-such-flag"],
         &["bench", "--concurrency", "0"],
+        &["bench", "--threads", "0"],
         &["bench", "--duration", "5x"],
         &["bench", "--reuse", "maybe"],
         &["bench", "--compare", "--reuse", "off"],

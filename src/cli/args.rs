@@ -40,6 +40,12 @@ pub(crate) struct BenchArgs {
     #[arg(long, short = 'c', default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub(crate) concurrency: u32,
 
+    /// Tokio worker threads for the client (and the embedded upstream). `1` runs everything
+    /// on one thread, as `openssl s_time` does, so serial runs pay no cross-thread wake-ups.
+    /// Defaults to the number of CPUs.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub(crate) threads: Option<u16>,
+
     /// How long to run: `10`, `10s`, `500ms`, `2m`. Defaults to 10s, or unlimited when
     /// --requests is given.
     #[arg(long, short = 'd', value_name = "DURATION", value_parser = parse_duration)]

@@ -59,10 +59,21 @@ impl fmt::Display for CliError {
 pub(crate) fn main() -> ExitCode {
     // Exits with code 2 and clap's message on a bad flag (0 for --help and --version).
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `probe` makes one connection: a second thread would only add wake-ups.
+    let threads = match &cli.command {
+        Command::Bench(args) => args.threads,
+        Command::Probe(_) => Some(1),
+    };
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(usize::from(n));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");
