@@ -411,6 +411,9 @@ impl Peer {
 
     /// Restrict the key-exchange groups, in OpenSSL syntax (`"X25519:P-256"`).
     /// Defaults to OpenSSL's list. An unknown name is `InvalidConfig`.
+    ///
+    /// With TLS 1.2 the list also tells the server which curves its ECDSA certificate may use
+    /// (RFC 8422), so leaving out the certificate's curve can fail the handshake.
     pub fn with_curves(self, curves: impl Into<String>) -> Peer {
         let curves = curves.into();
         self.edit_checked(|inner| {
