@@ -20,8 +20,8 @@
 //!   and after the connector is dropped both gauges are 0, the upstream sees every
 //!   connection closed, and the process's file descriptors are back to the start.
 //!
-//! This stands in for a `loom` model: see docs/reliability.md for what isolating the core
-//! for loom would take.
+//! This stands in for a `loom` model: the README ("Why no `loom` model (yet)") says what
+//! isolating the core for loom would take.
 
 mod support;
 
