@@ -42,3 +42,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use key::PeerKey;
 pub use peer::{Alpn, CertKey, Peer, PeerAddress, TcpKeepalive};
 pub use stream::{Connection, SslDigest, TimingDigest};
+
+/// Compiles the README's Rust examples as doctests, so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
