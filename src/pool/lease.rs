@@ -9,10 +9,11 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::clock::Tick;
 use super::KeyPool;
 use crate::stream::Connection;
 
@@ -48,7 +49,7 @@ impl Slot {
         key_pool.metrics.active.increment(1.0);
         Some(Lease {
             key_pool,
-            created: Instant::now(),
+            created: Tick::now(),
             uses: 0,
             idle_timeout,
             state: LeaseState::Active,
@@ -111,7 +112,7 @@ pub(crate) enum LeaseState {
 /// A connection's membership in its key's pool: its slot, age, uses and gauge state.
 pub(crate) struct Lease {
     pub(crate) key_pool: Arc<KeyPool>,
-    pub(crate) created: Instant,
+    pub(crate) created: Tick,
     pub(crate) uses: u32,
     pub(crate) idle_timeout: Duration,
     state: LeaseState,

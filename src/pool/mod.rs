@@ -11,13 +11,14 @@
 //!   takes the same lock.
 //! - Gauges and the global idle count are kept by each connection's [`Lease`].
 
+mod clock;
 mod lease;
 mod reaper;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -25,6 +26,7 @@ use tokio::sync::oneshot;
 
 pub(crate) use lease::{Handoff, Lease, LeaseState, Slot};
 
+use self::clock::Tick;
 use crate::key::{PeerKey, PrehashedState};
 use crate::metrics::{EvictionReason, PeerMetrics};
 use crate::peer::Peer;
@@ -79,7 +81,7 @@ struct KeyState {
 
 struct Idle {
     conn: Connection,
-    since: Instant,
+    since: Tick,
 }
 
 /// The outcome of one look at a key's pool.
@@ -109,7 +111,7 @@ impl Pool {
     /// way; the common case costs no syscall.
     pub(crate) fn checkout(&self, key: &PeerKey, peer: &Peer) -> Checkout {
         // One clock read per checkout, taken before any lock.
-        let now = Instant::now();
+        let now = Tick::now();
         let max = self.limits.max_connections_per_peer;
         loop {
             let (found, expired) = match self.keys.get(key) {
@@ -152,9 +154,9 @@ impl Pool {
     }
 
     /// Why an idle connection must not be handed out, if it must not.
-    fn unusable(&self, conn: &mut Connection, now: Instant) -> Option<EvictionReason> {
+    fn unusable(&self, conn: &mut Connection, now: Tick) -> Option<EvictionReason> {
         if let Some(max) = self.limits.max_lifetime {
-            if now.saturating_duration_since(conn.inner.lease.created) >= max {
+            if now.exceeded(conn.inner.lease.created, max) {
                 return Some(EvictionReason::MaxLifetime);
             }
         }
@@ -168,7 +170,7 @@ impl Pool {
     /// Returns a connection: to the oldest waiter for its key, else to the idle list, unless
     /// it is no longer reusable. Evicts beyond the idle caps.
     pub(crate) fn release(self: &Arc<Self>, mut conn: Connection) {
-        let now = Instant::now();
+        let now = Tick::now();
         let retire = match self.limits.max_uses {
             Some(max) if conn.inner.lease.uses >= max => Some(EvictionReason::MaxUses),
             _ => self.unusable(&mut conn, now),
@@ -213,7 +215,7 @@ impl Pool {
     /// cap is exceeded, never on a plain checkout or release.
     fn evict_least_recently_used(&self) {
         while self.idle_total.load(Ordering::Relaxed) > self.limits.max_idle_total {
-            let mut oldest: Option<(Instant, Arc<KeyPool>)> = None;
+            let mut oldest: Option<(Tick, Arc<KeyPool>)> = None;
             for entry in self.keys.iter() {
                 let state = entry.state.lock();
                 if let Some(front) = state.idle.front() {
@@ -269,16 +271,14 @@ impl Pool {
 
     /// One reaper pass: evicts idle connections that expired, were closed by the upstream or
     /// received unexpected data, and forgets keys with no connections left.
-    pub(crate) fn reap(&self, now: Instant) {
+    pub(crate) fn reap(&self, now: Tick) {
         let mut evicted: Vec<(EvictionReason, Connection)> = Vec::new();
         for entry in self.keys.iter() {
             let mut state = entry.state.lock();
             let mut i = 0;
             while i < state.idle.len() {
                 let idle = &mut state.idle[i];
-                let reason = if now.saturating_duration_since(idle.since)
-                    >= idle.conn.inner.lease.idle_timeout
-                {
+                let reason = if now.exceeded(idle.since, idle.conn.inner.lease.idle_timeout) {
                     Some(EvictionReason::IdleTimeout)
                 } else {
                     self.unusable(&mut idle.conn, now)
@@ -304,12 +304,12 @@ impl KeyPool {
     fn checkout_locked(
         self: &Arc<Self>,
         cap: Option<usize>,
-        now: Instant,
+        now: Tick,
     ) -> (Checkout, Vec<Connection>) {
         let mut expired = Vec::new();
         let mut state = self.state.lock();
         while let Some(idle) = state.idle.pop_back() {
-            if now.saturating_duration_since(idle.since) >= idle.conn.inner.lease.idle_timeout {
+            if now.exceeded(idle.since, idle.conn.inner.lease.idle_timeout) {
                 self.metrics.evicted(EvictionReason::IdleTimeout);
                 expired.push(idle.conn);
                 continue;

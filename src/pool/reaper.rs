@@ -35,7 +35,7 @@ pub(super) fn spawn(pool: Weak<Pool>, interval: Duration) -> bool {
             let Some(pool) = pool.upgrade() else {
                 return;
             };
-            pool.reap(std::time::Instant::now());
+            pool.reap(super::clock::Tick::now());
         }
     });
     true
