@@ -32,24 +32,28 @@ impl Tick {
 
 #[cfg(target_os = "linux")]
 fn read() -> Duration {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
-    // The kernel keeps both fields in range for a monotonic clock.
-    Duration::new(
-        u64::try_from(ts.tv_sec).unwrap_or(0),
-        u32::try_from(ts.tv_nsec).unwrap_or(0),
-    )
+    from_timespec(rustix::time::clock_gettime(
+        rustix::time::ClockId::MonotonicCoarse,
+    ))
 }
 
 #[cfg(target_os = "linux")]
 fn resolution() -> Duration {
     static RESOLUTION: OnceLock<Duration> = OnceLock::new();
     *RESOLUTION.get_or_init(|| {
-        let ts = rustix::time::clock_getres(rustix::time::ClockId::MonotonicCoarse);
-        Duration::new(
-            u64::try_from(ts.tv_sec).unwrap_or(0),
-            u32::try_from(ts.tv_nsec).unwrap_or(0),
-        )
+        from_timespec(rustix::time::clock_getres(
+            rustix::time::ClockId::MonotonicCoarse,
+        ))
     })
+}
+
+#[cfg(target_os = "linux")]
+fn from_timespec(ts: rustix::time::Timespec) -> Duration {
+    // The kernel keeps both fields in range for a monotonic clock and its resolution.
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Elsewhere: the standard monotonic clock, counted from the first reading.
