@@ -15,6 +15,9 @@ use crate::peer::Peer;
 use crate::pool::{Checkout, Handoff, KeyPool, Limits, Pool, Slot};
 use crate::stream::{Connection, SslDigest, Stream, TimingDigest};
 
+/// The longest period between two reaper passes; see `ConnectorOptions::reap_interval`.
+const MAX_REAP_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Settings of a [`Connector`]: pool caps, default timeouts, session cache.
 ///
 /// A plain struct: start from `ConnectorOptions::default()` and change what you need.
@@ -32,6 +35,7 @@ use crate::stream::{Connection, SslDigest, Stream, TimingDigest};
 /// | `connection_timeout` | 5 s |
 /// | `total_connection_timeout` | 10 s |
 /// | `session_cache_size` | 1,024 |
+/// | `session_max_auth_age` | 24 h |
 /// | `metrics_peer_label` | `false` |
 /// | `reap_interval` | 250 ms |
 #[derive(Debug, Clone)]
@@ -58,7 +62,10 @@ pub struct ConnectorOptions {
     /// Close a connection after this many checkouts. Defaults to `None` (unlimited).
     pub max_uses: Option<u32>,
     /// Close a connection this long after it was established, at its next release or
-    /// checkout. Defaults to `None` (unlimited); set it to follow DNS or certificate changes.
+    /// checkout. Defaults to `None` (unlimited). Set it to follow DNS changes, or so that
+    /// connections made before a certificate rotation end within a bound. It does not bound
+    /// TLS session resumption: new connections may resume a cached session until
+    /// `session_max_auth_age` (or the certificate's expiry), whatever this is.
     pub max_lifetime: Option<Duration>,
     /// TCP connect timeout when the peer sets none. Defaults to 5 s.
     pub connection_timeout: Duration,
@@ -67,11 +74,22 @@ pub struct ConnectorOptions {
     /// TLS sessions kept for resumption, one per peer key; 0 turns resumption off for the
     /// whole connector. Defaults to 1,024.
     pub session_cache_size: usize,
+    /// How long after a full handshake (the one that verified the server's certificate) its
+    /// session may still authenticate new connections by resumption. Counted from that
+    /// handshake, however often tickets renewed the session since: a resumed handshake
+    /// verifies nothing, so this bounds how stale a verification may be (a revoked or
+    /// replaced certificate keeps being trusted by resumption until then). A session is also
+    /// never offered once the certificate chain it was verified with has expired. Defaults
+    /// to 24 h, BoringSSL's limit and RFC 8446's maximum ticket lifetime. Zero is
+    /// `InvalidConfig` (set `session_cache_size` to 0 to turn resumption off).
+    pub session_max_auth_age: Duration,
     /// Add a `peer` label (the peer's name, else its address) to every metric. Defaults to
     /// `false`: one series per upstream can be too many for large fleets.
     pub metrics_peer_label: bool,
     /// How often the background reaper looks for expired or closed idle connections.
     /// Defaults to 250 ms, so a closed connection leaves the pool well within a second.
+    /// Values above one hour count as one hour (idle connections are still checked at every
+    /// checkout; the reaper also forgets keys nobody uses).
     pub reap_interval: Duration,
 }
 
@@ -88,6 +106,7 @@ impl Default for ConnectorOptions {
             connection_timeout: Duration::from_secs(5),
             total_connection_timeout: Duration::from_secs(10),
             session_cache_size: 1024,
+            session_max_auth_age: Duration::from_secs(24 * 3600),
             metrics_peer_label: false,
             reap_interval: Duration::from_millis(250),
         }
@@ -101,6 +120,7 @@ impl ConnectorOptions {
             ("total_connection_timeout", self.total_connection_timeout),
             ("idle_timeout", self.idle_timeout),
             ("reap_interval", self.reap_interval),
+            ("session_max_auth_age", self.session_max_auth_age),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -148,14 +168,17 @@ impl Connector {
     /// OpenSSL cannot build a client context.
     pub fn new(options: ConnectorOptions) -> Result<Connector> {
         options.validate()?;
-        let tls = TlsConnector::new(options.session_cache_size)?;
+        let tls = TlsConnector::new(options.session_cache_size, options.session_max_auth_age)?;
         let pool = Arc::new(Pool::new(Limits {
             max_idle_per_peer: options.max_idle_per_peer,
             max_idle_total: options.max_idle_total,
             max_connections_per_peer: options.max_connections_per_peer,
             max_uses: options.max_uses,
             max_lifetime: options.max_lifetime,
-            reap_interval: options.reap_interval,
+            idle_timeout: options.idle_timeout,
+            // A longer period gains nothing, and tokio's interval would overflow adding
+            // `Duration::MAX` to the current instant.
+            reap_interval: options.reap_interval.min(MAX_REAP_INTERVAL),
             peer_label: options.metrics_peer_label,
         }));
         Ok(Connector {
@@ -255,8 +278,14 @@ impl Connector {
         key_pool.metrics.wait.record(start.elapsed().as_secs_f64());
         let handoff = match outcome {
             Ok(Ok(handoff)) => Some(handoff),
-            // A handoff that raced with the timeout is still ours to use.
-            Err(_) => rx.try_recv().ok(),
+            // A handoff that raced with the timeout is still ours to use. Close first: a value
+            // sent between a bare `try_recv` and dropping `rx` would be lost with the channel
+            // (a connection closed, or a slot given back only when it is dropped); once
+            // closed, nothing more can be sent, so this `try_recv` sees everything.
+            Err(_) => {
+                rx.close();
+                rx.try_recv().ok()
+            }
             // The pool was dropped: nothing will ever arrive.
             Ok(Err(_)) => None,
         };
@@ -320,6 +349,9 @@ struct PendingDial {
 
 impl Drop for PendingDial {
     fn drop(&mut self) {
+        // Close before looking, so the dial task cannot send in between: it then gets its
+        // connection back and pools it itself.
+        self.rx.close();
         if let Ok(Ok(conn)) = self.rx.try_recv() {
             self.pool.release(conn);
         }
@@ -350,7 +382,7 @@ impl Inner {
             let handshake_start = Instant::now();
             let handshake = self
                 .tls
-                .handshake(raw, peer, key, start + total, resume)
+                .handshake(raw, peer, key, tcp::deadline_after(start, total), resume)
                 .await?;
             let took = handshake_start.elapsed();
             let digest = SslDigest::from_ssl(handshake.stream.ssl());

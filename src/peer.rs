@@ -269,7 +269,8 @@ pub struct Peer {
 #[derive(Clone)]
 pub(crate) struct PeerInner {
     pub(crate) address: PeerAddress,
-    /// `None` for plaintext peers; `Some("")` is TLS without SNI (and without verification).
+    /// `None` for plaintext peers; `Some("")` is TLS without SNI (the chain is still verified
+    /// when `verify_cert`; only the name check is skipped).
     pub(crate) sni: Option<String>,
     pub(crate) verify_cert: bool,
     pub(crate) verify_hostname: bool,
@@ -326,7 +327,10 @@ impl Peer {
     }
 
     /// A TLS peer over TCP. `sni` is sent as the server name and verified against the
-    /// certificate; an empty `sni` sends no server name and skips verification (as nginx does).
+    /// certificate. An empty `sni` sends no server name and skips the *name* check only: the
+    /// chain is still verified unless [`Peer::with_verify_cert`] turns that off (the reference
+    /// skips all verification here "like nginx", which silently drops trust in a peer whose
+    /// host name came out empty from configuration).
     pub fn tls(addr: SocketAddr, sni: impl Into<String>) -> Peer {
         Peer::with_address(PeerAddress::Tcp(addr), Some(sni.into()))
     }
@@ -445,11 +449,24 @@ impl Peer {
 
     /// How long a connection to this peer may sit idle in the pool. Defaults to the
     /// connector's `idle_timeout`.
+    ///
+    /// The idle timeout is not part of the pool key, so peers with different timeouts share
+    /// connections. A checkout uses the smaller of this peer's timeout and the timeout of the
+    /// peer that dialled the connection: a peer whose upstream drops idle connections early
+    /// never gets one idle longer than it allows (an older one is closed instead), and a
+    /// longer timeout never keeps alive a connection whose dialling peer would have closed it.
+    /// Any duration is accepted; `Duration::MAX` means "never idle out".
     pub fn with_idle_timeout(self, timeout: Duration) -> Peer {
         self.edit(|inner| inner.idle_timeout = Some(timeout))
     }
 
     /// Bind the local end of the TCP socket to this address. Defaults to none (the OS picks).
+    ///
+    /// With port 0 the port is chosen at connect, not reserved at bind
+    /// (`IP_BIND_ADDRESS_NO_PORT` on Linux), so source ports are shared across destinations
+    /// and a busy proxy does not run out of them. A bind the OS refuses (address in use, not
+    /// an address of this host) or an address of the other IP family than the peer's is
+    /// `InvalidConfig` at `get`, not a retryable connect error.
     pub fn with_bind_to(self, addr: SocketAddr) -> Peer {
         self.edit(|inner| inner.bind_to = Some(addr))
     }

@@ -207,6 +207,12 @@ impl Connection {
                 },
             },
             Stream::Tls(tls) => {
+                // A close_notify OpenSSL already processed (say, read together with the last
+                // response) leaves nothing on the socket to wake us; and one we sent means
+                // the caller shut the connection down. Either way it is done.
+                if openssl_ext::is_shut_down(tls.ssl()) {
+                    return Liveness::Closed;
+                }
                 // Bytes OpenSSL already read from the socket (read-ahead) never show up as
                 // readiness again, so look at its buffer first; if it holds something, read to
                 // tell a session ticket from application data.

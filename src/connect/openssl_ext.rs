@@ -129,6 +129,13 @@ pub(crate) fn has_pending(ssl: &SslRef) -> bool {
     unsafe { SSL_has_pending(ssl.as_ptr()) == 1 }
 }
 
+/// Whether a close_notify was received or sent on this connection (`SSL_get_shutdown`); the
+/// `openssl` crate's `get_shutdown` wants `&mut`, which a stream only lends as `&`.
+pub(crate) fn is_shut_down(ssl: &SslRef) -> bool {
+    // SAFETY: a live SSL; SSL_get_shutdown only reads one field.
+    unsafe { openssl_sys::SSL_get_shutdown(ssl.as_ptr()) != 0 }
+}
+
 /// Marks the connection as shut down in both directions without sending anything.
 ///
 /// `SSL_free` on a connection that was not shut down removes its session from the cache and

@@ -1,6 +1,7 @@
 //! Dialling the transport: TCP (with socket options) or a Unix-domain socket.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -101,17 +102,25 @@ impl AsyncWrite for RawStream {
 /// name the peer.
 pub(crate) async fn dial(peer: &Peer, timeout: Duration) -> Result<RawStream> {
     let settings = peer.settings();
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(Instant::now(), timeout);
     let attempt = async {
         match &settings.address {
             PeerAddress::Tcp(addr) => {
+                if let Some(bind) = settings.bind_to.filter(|b| b.is_ipv4() != addr.is_ipv4()) {
+                    return Err(DialError::Config(
+                        Error::config(format!(
+                            "source address {bind} and peer address {addr} are of different IP families"
+                        ))
+                        .with_peer(peer.describe()),
+                    ));
+                }
                 let socket = if addr.is_ipv4() {
                     TcpSocket::new_v4()?
                 } else {
                     TcpSocket::new_v6()?
                 };
                 if let Some(bind) = settings.bind_to {
-                    socket.bind(bind)?;
+                    bind_source(&socket, bind).map_err(|e| bind_error(peer, bind, &e))?;
                 }
                 let stream = socket.connect(*addr).await?;
                 stream.set_nodelay(settings.tcp_nodelay)?;
@@ -122,19 +131,81 @@ pub(crate) async fn dial(peer: &Peer, timeout: Duration) -> Result<RawStream> {
                         .with_retries(ka.count);
                     SockRef::from(&stream).set_tcp_keepalive(&params)?;
                 }
-                Ok(RawStream::Tcp(stream))
+                Ok::<_, DialError>(RawStream::Tcp(stream))
             }
             PeerAddress::Unix(path) => Ok(RawStream::Unix(UnixStream::connect(path).await?)),
         }
     };
     match tokio::time::timeout_at(deadline, attempt).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(io_error(peer, &e)),
+        Ok(Err(DialError::Config(e))) => Err(e),
+        Ok(Err(DialError::Io(e))) => Err(io_error(peer, &e)),
         Err(_) => Err(Error::new(
             ErrorKind::ConnectTimedout,
             format!("no connection within {timeout:?}"),
         )
         .with_peer(peer.describe())),
+    }
+}
+
+/// `start + timeout`, or a deadline decades away when that overflows: a timeout of
+/// `Duration::MAX` means "no timeout", not a panic in the dial task.
+pub(crate) fn deadline_after(start: Instant, timeout: Duration) -> Instant {
+    // What tokio itself uses as "never" (about 30 years); far enough, and never overflows.
+    const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+    start
+        .checked_add(timeout.min(FAR_FUTURE))
+        .unwrap_or_else(|| start + FAR_FUTURE)
+}
+
+/// A dial step's failure: a configuration mistake found by the OS, or any other I/O error.
+enum DialError {
+    Config(Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for DialError {
+    fn from(e: io::Error) -> Self {
+        DialError::Io(e)
+    }
+}
+
+impl From<Error> for DialError {
+    fn from(e: Error) -> Self {
+        DialError::Config(e)
+    }
+}
+
+/// Binds the socket's source address. With port 0, `IP_BIND_ADDRESS_NO_PORT` makes the kernel
+/// pick the port at `connect` instead of reserving one at `bind`: a port reserved at bind can
+/// serve no other connection, whatever its destination, so a busy proxy with a source address
+/// would run out of its ~28,000 ephemeral ports; chosen at connect, a port is shared by every
+/// connection whose 4-tuple differs (Pingora and Envoy do the same).
+fn bind_source(socket: &TcpSocket, bind: SocketAddr) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if bind.port() == 0 {
+        nix::sys::socket::setsockopt(
+            socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )
+        .map_err(io::Error::from)?;
+    }
+    socket.bind(bind)
+}
+
+/// A bind that fails because the address is taken or is not this host's will fail the same
+/// way on every dial: a configuration mistake, not a retryable connect error. (Port exhaustion
+/// shows up at `connect` with `IP_BIND_ADDRESS_NO_PORT`, and stays a connect error.)
+fn bind_error(peer: &Peer, bind: SocketAddr, e: &io::Error) -> DialError {
+    match e.kind() {
+        io::ErrorKind::AddrInUse
+        | io::ErrorKind::AddrNotAvailable
+        | io::ErrorKind::InvalidInput => DialError::Config(
+            Error::config(format!("cannot bind the source address {bind}: {e}"))
+                .with_peer(peer.describe()),
+        ),
+        _ => DialError::Io(io::Error::new(e.kind(), format!("bind {bind}: {e}"))),
     }
 }
 
@@ -145,7 +216,8 @@ fn io_error(peer: &Peer, e: &io::Error) -> Error {
         _ => ErrorKind::ConnectError,
     };
     let what = if kind == ErrorKind::ConnectError && e.kind() == io::ErrorKind::AddrNotAvailable {
-        "cannot bind or route the local address"
+        // At connect (the bind itself is checked above): no source port left, or no route.
+        "no free source port or no route from the local address"
     } else {
         "dial failed"
     };

@@ -5,11 +5,13 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
+use openssl::asn1::Asn1Time;
 use openssl::ex_data::Index;
 use openssl::ssl::{
     ErrorCode, Ssl, SslConnector, SslMethod, SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::store::{X509Store, X509StoreBuilder};
+use openssl::x509::verify::X509CheckFlags;
 use openssl::x509::X509VerifyResult;
 use tokio::time::Instant;
 use tokio_openssl::SslStream;
@@ -19,7 +21,7 @@ use crate::connect::tcp::RawStream;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::PeerKey;
 use crate::peer::{CaSet, Peer};
-use crate::session_cache::SessionCache;
+use crate::session_cache::{Origin, SessionCache};
 
 /// TLS 1.2 ciphers: forward-secret AEADs and CBC suites, nothing weak. TLS 1.3 suites are
 /// all acceptable and keep OpenSSL's default.
@@ -32,10 +34,28 @@ rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512:RSA+SHA256:RSA+SHA384:R
 /// `X509_V_ERR_INVALID_CALL`: the verify result was never set (no verification ran).
 const X509_V_ERR_INVALID_CALL: i32 = openssl_sys::X509_V_ERR_INVALID_CALL;
 
-/// Where the peer key is attached to each `SSL`, so the new-session callback knows which
-/// peer a session belongs to. One index for the process: OpenSSL never frees them.
-fn peer_key_index() -> Result<Index<Ssl, PeerKey>> {
-    static INDEX: OnceLock<std::result::Result<Index<Ssl, PeerKey>, String>> = OnceLock::new();
+/// CA sets whose verify store is kept built. Beyond it, one cached store is dropped for each
+/// new one: rebuilding a store costs microseconds, while a connector fed ever-new CA sets
+/// (per-tenant configuration, say) must not grow without bound.
+const MAX_CA_STORES: usize = 256;
+
+/// What the new-session callback needs to know about a connection: which peer key a session
+/// belongs to, and where its authentication comes from.
+struct SessionTag {
+    key: PeerKey,
+    /// The origin of the session offered for resumption; a resumed connection's new sessions
+    /// (TLS 1.3 tickets) inherit it.
+    offered: Option<Origin>,
+    /// When this handshake started: the origin of a full handshake's sessions.
+    started: std::time::Instant,
+    /// Whether the chain is verified (its expiry then bounds the sessions).
+    verify_cert: bool,
+}
+
+/// Where the [`SessionTag`] is attached to each `SSL`. One index for the process: OpenSSL
+/// never frees them.
+fn session_tag_index() -> Result<Index<Ssl, SessionTag>> {
+    static INDEX: OnceLock<std::result::Result<Index<Ssl, SessionTag>, String>> = OnceLock::new();
     INDEX
         .get_or_init(|| Ssl::new_ex_index().map_err(|e| e.to_string()))
         .clone()
@@ -48,7 +68,7 @@ pub(crate) struct TlsConnector {
     /// Verify stores, built once per distinct CA set (by fingerprints) and shared.
     stores: DashMap<Arc<[[u8; 32]]>, Arc<X509Store>>,
     sessions: Option<Arc<SessionCache>>,
-    key_index: Index<Ssl, PeerKey>,
+    tag_index: Index<Ssl, SessionTag>,
 }
 
 impl std::fmt::Debug for TlsConnector {
@@ -70,7 +90,10 @@ impl TlsConnector {
     /// Builds the shared context: TLS 1.2 minimum, no weak ciphers or SHA-1 signatures, the
     /// system roots, and (when `session_cache_size > 0`) a client session cache fed by the
     /// new-session callback.
-    pub(crate) fn new(session_cache_size: usize) -> Result<TlsConnector> {
+    pub(crate) fn new(
+        session_cache_size: usize,
+        session_max_auth_age: std::time::Duration,
+    ) -> Result<TlsConnector> {
         let tls_err = |what: &str, e: openssl::error::ErrorStack| {
             Error::internal(format!("cannot build the TLS context ({what}): {e}"))
         };
@@ -88,9 +111,9 @@ impl TlsConnector {
         // Read whole records (and whatever follows) in one read instead of a 5-byte header
         // read, then the body; the liveness check accounts for the bytes this buffers.
         builder.set_read_ahead(true);
-        let key_index = peer_key_index()?;
+        let tag_index = session_tag_index()?;
         let sessions = if session_cache_size > 0 {
-            let cache = Arc::new(SessionCache::new(session_cache_size));
+            let cache = Arc::new(SessionCache::new(session_cache_size, session_max_auth_age));
             let feed = Arc::clone(&cache);
             // CLIENT turns the callback on; NO_INTERNAL keeps OpenSSL's own (unbounded,
             // hostname-unaware) store out of the way.
@@ -98,13 +121,29 @@ impl TlsConnector {
                 SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL,
             );
             builder.set_new_session_callback(move |ssl, session| {
-                if let Some(key) = ssl.ex_data(key_index) {
-                    // Cache a private copy: `session` stays attached to this connection,
-                    // and OpenSSL marks a connection's session not resumable on a fatal
-                    // alert, which must not spoil the cached one.
-                    if let Ok(copy) = openssl_ext::dup_session(&session) {
-                        feed.put(key.clone(), copy);
+                let Some(tag) = ssl.ex_data(tag_index) else {
+                    return;
+                };
+                let origin = if ssl.session_reused() {
+                    // A ticket renewed on a resumed connection: authenticated no later than
+                    // the session it renews. (We only resume what we offered.)
+                    let Some(origin) = tag.offered else { return };
+                    origin
+                } else {
+                    Origin {
+                        authenticated: tag.started,
+                        not_after: if tag.verify_cert {
+                            chain_not_after(ssl)
+                        } else {
+                            None
+                        },
                     }
+                };
+                // Cache a private copy: `session` stays attached to this connection, and
+                // OpenSSL marks a connection's session not resumable on a fatal alert, which
+                // must not spoil the cached one.
+                if let Ok(copy) = openssl_ext::dup_session(&session) {
+                    feed.put(tag.key.clone(), copy, origin);
                 }
             });
             Some(cache)
@@ -116,7 +155,7 @@ impl TlsConnector {
             connector: builder.build(),
             stores: DashMap::new(),
             sessions,
-            key_index,
+            tag_index,
         })
     }
 
@@ -134,6 +173,12 @@ impl TlsConnector {
             })?;
         }
         let store = Arc::new(builder.build());
+        if self.stores.len() >= MAX_CA_STORES {
+            let victim = self.stores.iter().next().map(|e| e.key().clone());
+            if let Some(victim) = victim {
+                self.stores.remove(&victim);
+            }
+        }
         Ok(Arc::clone(
             &self.stores.entry(ca.fingerprints.clone()).or_insert(store),
         ))
@@ -186,12 +231,18 @@ impl TlsConnector {
         }
 
         if sni.is_empty() {
-            // No name to check against; like nginx, do not verify at all in that case.
+            // No name to send. Unlike the reference ("like nginx"), still verify the chain:
+            // a host name that came out empty from configuration must not silently turn off
+            // trust; only `with_verify_cert(false)` does that.
             cfg.set_use_server_name_indication(false);
-            cfg.set_verify(SslVerifyMode::NONE);
-        } else if s.verify_cert {
-            if s.verify_hostname {
+        }
+        if s.verify_cert {
+            // With an empty SNI there is no name to check, only the chain.
+            if s.verify_hostname && !sni.is_empty() {
                 let param = cfg.param_mut();
+                // What OpenSSL's own hostname setup would set: "f*.example.com" must not
+                // match "foo.example.com".
+                param.set_hostflags(X509CheckFlags::NO_PARTIAL_WILDCARDS);
                 if let Ok(ip) = sni.parse::<IpAddr>() {
                     param
                         .set_ip(ip)
@@ -219,8 +270,13 @@ impl TlsConnector {
         let mut offered = None;
         if resume {
             if let Some(cache) = &self.sessions {
-                cfg.set_ex_data(self.key_index, key.clone());
-                if let Some(session) = cache.get(key) {
+                let mut tag = SessionTag {
+                    key: key.clone(),
+                    offered: None,
+                    started: std::time::Instant::now(),
+                    verify_cert: s.verify_cert,
+                };
+                if let Some((session, origin)) = cache.get(key) {
                     // Offer a copy, never the cached session itself: a TLS 1.3 client marks
                     // the session it resumed not resumable at the end of the handshake
                     // ("use tickets once"), which would stop every later dial (a burst
@@ -229,8 +285,10 @@ impl TlsConnector {
                     let copy = openssl_ext::dup_session(&session);
                     if copy.is_ok_and(|copy| openssl_ext::set_session(&mut cfg, &copy).is_ok()) {
                         offered = Some(session);
+                        tag.offered = Some(origin);
                     }
                 }
+                cfg.set_ex_data(self.tag_index, tag);
             }
         }
 
@@ -238,13 +296,31 @@ impl TlsConnector {
         let mut stream = SslStream::new(ssl, raw)
             .map_err(|e| Error::internal(format!("cannot create TLS stream: {e}")))?;
 
-        match tokio::time::timeout_at(deadline, Pin::new(&mut stream).connect()).await {
-            Err(_) => Err(Error::new(
+        let outcome = tokio::time::timeout_at(deadline, Pin::new(&mut stream).connect()).await;
+        if outcome.as_ref().map_or(true, |r| r.is_err()) {
+            if let (Some(_), Some(cache)) = (&offered, &self.sessions) {
+                // RFC 5246 §7.2.2: a session must not be resumed after a fatal alert; and a
+                // reset or a timeout while resuming says nothing good about it either.
+                cache.resumption_failed(key);
+            }
+        }
+        // The next dial makes a full handshake (the session is forgotten), so a failed
+        // resumption is worth retrying whatever went wrong.
+        let resuming = offered.is_some();
+        let failed = |err: Error| {
+            let err = err.with_peer(peer.describe());
+            if resuming {
+                err.with_transient()
+            } else {
+                err
+            }
+        };
+        match outcome {
+            Err(_) => Err(failed(Error::new(
                 ErrorKind::TlsHandshakeTimedout,
                 "handshake did not finish within the total connection timeout",
-            )
-            .with_peer(peer.describe())),
-            Ok(Err(e)) => Err(classify_failure(&stream, &e).with_peer(peer.describe())),
+            ))),
+            Ok(Err(e)) => Err(failed(classify_failure(&stream, &e, s.verify_cert))),
             Ok(Ok(())) => {
                 let resumed = stream.ssl().session_reused();
                 if let (Some(session), false, Some(cache)) = (&offered, resumed, &self.sessions) {
@@ -258,10 +334,18 @@ impl TlsConnector {
 
 /// A failed chain or hostname check is `InvalidCert`; every other failure is a handshake
 /// failure (a reset or EOF mid-handshake included: the server is not speaking TLS to us).
-fn classify_failure(stream: &SslStream<RawStream>, e: &openssl::ssl::Error) -> Error {
+///
+/// The verify result only counts when verification was on: with it off, OpenSSL still
+/// records what the chain check found (an untrusted root, say), and a later, unrelated
+/// failure would be mislabelled `InvalidCert`.
+fn classify_failure(
+    stream: &SslStream<RawStream>,
+    e: &openssl::ssl::Error,
+    verifying: bool,
+) -> Error {
     let verify = stream.ssl().verify_result();
     let verify_failed =
-        verify != X509VerifyResult::OK && verify.as_raw() != X509_V_ERR_INVALID_CALL;
+        verifying && verify != X509VerifyResult::OK && verify.as_raw() != X509_V_ERR_INVALID_CALL;
     if e.code() == ErrorCode::SSL && verify_failed {
         return Error::new(ErrorKind::InvalidCert, verify.error_string().to_string());
     }
@@ -283,6 +367,22 @@ fn classify_failure(stream: &SslStream<RawStream>, e: &openssl::ssl::Error) -> E
         err.with_transient()
     } else {
         err
+    }
+}
+
+/// Unix time of the earliest notAfter in the verified chain (leaf and issuers): a session
+/// authenticated by that chain must not outlive any link of it. `None` if there is no chain.
+fn chain_not_after(ssl: &openssl::ssl::SslRef) -> Option<i64> {
+    let epoch = Asn1Time::from_unix(0).ok()?;
+    let unix = |t: &openssl::asn1::Asn1TimeRef| {
+        epoch
+            .diff(t)
+            .ok()
+            .map(|d| i64::from(d.days) * 86_400 + i64::from(d.secs))
+    };
+    match ssl.verified_chain() {
+        Some(chain) if !chain.is_empty() => chain.iter().filter_map(|c| unix(c.not_after())).min(),
+        _ => ssl.peer_certificate().and_then(|c| unix(c.not_after())),
     }
 }
 

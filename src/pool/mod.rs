@@ -32,6 +32,9 @@ use crate::metrics::{EvictionReason, PeerMetrics};
 use crate::peer::Peer;
 use crate::stream::{Connection, Liveness};
 
+/// Below this queue length abandoned waiters are left for `release` and the reaper to skip.
+const MIN_WAITER_PRUNE: usize = 16;
+
 /// The pool's limits, copied from `ConnectorOptions`.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
@@ -40,6 +43,8 @@ pub(crate) struct Limits {
     pub(crate) max_connections_per_peer: Option<usize>,
     pub(crate) max_uses: Option<u32>,
     pub(crate) max_lifetime: Option<Duration>,
+    /// The idle timeout of peers that set none (`ConnectorOptions::idle_timeout`).
+    pub(crate) idle_timeout: Duration,
     pub(crate) reap_interval: Duration,
     pub(crate) peer_label: bool,
 }
@@ -77,6 +82,10 @@ struct KeyState {
     total: usize,
     /// Oldest first. A sender whose receiver is gone is skipped when offered to.
     waiters: VecDeque<oneshot::Sender<Handoff>>,
+    /// Prune abandoned waiters once the queue reaches this length, then set it to twice what
+    /// is left: pruning on every enqueue would cost O(n²) under overload, this costs O(1)
+    /// per enqueue amortised while still bounding the queue at twice its live waiters.
+    prune_waiters_at: usize,
 }
 
 struct Idle {
@@ -109,18 +118,31 @@ impl Pool {
     ///
     /// Idle connections that are closed, have unread data or have expired are evicted on the
     /// way; the common case costs no syscall.
-    pub(crate) fn checkout(&self, key: &PeerKey, peer: &Peer) -> Checkout {
+    ///
+    /// The idle timeout is the smaller of the asking peer's and the one the connection was
+    /// dialled with: timeouts are not part of the key, and a peer that knows its upstream
+    /// drops idle connections early must never get one older than that.
+    pub(crate) fn checkout(self: &Arc<Self>, key: &PeerKey, peer: &Peer) -> Checkout {
         // One clock read per checkout, taken before any lock.
         let now = Tick::now();
         let max = self.limits.max_connections_per_peer;
+        let idle_timeout = peer
+            .settings()
+            .idle_timeout
+            .unwrap_or(self.limits.idle_timeout);
         loop {
             let (found, expired) = match self.keys.get(key) {
-                Some(key_pool) => key_pool.checkout_locked(max, now),
-                None => self
-                    .keys
-                    .entry(key.clone())
-                    .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
-                    .checkout_locked(max, now),
+                Some(key_pool) => key_pool.checkout_locked(max, now, idle_timeout),
+                None => {
+                    // The reaper is what forgets unused keys: start it with the first key,
+                    // not only at the first release, or keys whose dials all fail would
+                    // pile up.
+                    self.ensure_reaper();
+                    self.keys
+                        .entry(key.clone())
+                        .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                        .checkout_locked(max, now, idle_timeout)
+                }
             };
             // Dropped here, outside every lock.
             drop(expired);
@@ -305,11 +327,13 @@ impl KeyPool {
         self: &Arc<Self>,
         cap: Option<usize>,
         now: Tick,
+        idle_timeout: Duration,
     ) -> (Checkout, Vec<Connection>) {
         let mut expired = Vec::new();
         let mut state = self.state.lock();
         while let Some(idle) = state.idle.pop_back() {
-            if now.exceeded(idle.since, idle.conn.inner.lease.idle_timeout) {
+            let timeout = idle.conn.inner.lease.idle_timeout.min(idle_timeout);
+            if now.exceeded(idle.since, timeout) {
                 self.metrics.evicted(EvictionReason::IdleTimeout);
                 expired.push(idle.conn);
                 continue;
@@ -321,7 +345,10 @@ impl KeyPool {
             return (Checkout::Dial(Slot::taken(Arc::clone(self))), expired);
         }
         // Waiters that gave up would otherwise pile up while nothing is released.
-        state.waiters.retain(|w| !w.is_closed());
+        if state.waiters.len() >= state.prune_waiters_at {
+            state.waiters.retain(|w| !w.is_closed());
+            state.prune_waiters_at = (state.waiters.len() * 2).max(MIN_WAITER_PRUNE);
+        }
         let (tx, rx) = oneshot::channel();
         state.waiters.push_back(tx);
         (Checkout::Wait(rx, Arc::clone(self)), expired)
