@@ -304,6 +304,7 @@ pub(crate) struct TestServerBuilder {
     resumption: bool,
     tickets: bool,
     session_timeout: Option<Duration>,
+    session_id_context: bool,
     behaviour: Behaviour,
     handshake_timeout: Duration,
 }
@@ -399,6 +400,14 @@ impl TestServerBuilder {
         self
     }
 
+    /// Whether the server sets a session id context (default true). Without one, a server
+    /// that requests client certificates fails every resumption attempt with a fatal alert
+    /// ("session id context uninitialized"), as misconfigured servers in the wild do.
+    pub(crate) fn session_id_context(mut self, on: bool) -> Self {
+        self.session_id_context = on;
+        self
+    }
+
     /// What to do with each connection (default [`Behaviour::Http`]).
     pub(crate) fn behaviour(mut self, behaviour: Behaviour) -> Self {
         self.behaviour = behaviour;
@@ -487,7 +496,9 @@ impl TestServerBuilder {
         b.set_max_proto_version(self.max_version)?;
         // Required for resumption whenever client certificates are requested, harmless
         // otherwise.
-        b.set_session_id_context(b"upstream-pool-test-server")?;
+        if self.session_id_context {
+            b.set_session_id_context(b"upstream-pool-test-server")?;
+        }
         if let Some(groups) = &self.groups {
             b.set_groups_list(groups)?;
         }
@@ -615,6 +626,7 @@ impl TestServer {
             resumption: true,
             tickets: true,
             session_timeout: None,
+            session_id_context: true,
             behaviour: Behaviour::Http,
             handshake_timeout: Duration::from_secs(10),
         }
