@@ -389,3 +389,27 @@ async fn partial_wildcards_do_not_match() {
         .await;
     assert_eq!(stats.handshakes, 0, "{stats:#?}");
 }
+
+/// With verification off OpenSSL still records what the chain check found (here: an
+/// untrusted root); a later failure for another reason (no client certificate for a server
+/// that requires one) must not be reported as `InvalidCert`.
+#[tokio::test]
+async fn an_unverified_chain_does_not_label_other_failures_invalid_cert() {
+    let server = TestServer::builder()
+        .version(SslVersion::TLS1_2)
+        .identity(&pki().server_b)
+        .client_auth(ClientAuth::Required { ca: pki().ca_a() })
+        .start();
+    let connector = connector_with(|_| {});
+    let peer = Peer::tls(server.addr(), "localhost").with_verify_cert(false);
+    let err = connector.get(&peer).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TlsHandshakeFailure, "{err}");
+    let stats = server.wait_for(|s| s.handshake_failures == 1).await;
+    assert!(
+        stats.conns[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("certificate")),
+        "the server should have refused the missing client certificate: {stats:#?}"
+    );
+}

@@ -305,11 +305,12 @@ impl TlsConnector {
             }
         }
         // The next dial makes a full handshake (the session is forgotten), so a failed
-        // resumption is worth retrying whatever went wrong.
+        // resumption is worth retrying, unless the server declined the session and the full
+        // handshake it fell back to found a bad certificate: that fails again.
         let resuming = offered.is_some();
         let failed = |err: Error| {
             let err = err.with_peer(peer.describe());
-            if resuming {
+            if resuming && err.kind() != ErrorKind::InvalidCert {
                 err.with_transient()
             } else {
                 err
@@ -418,7 +419,48 @@ fn replace_leftmost_underscores(name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use openssl::x509::X509;
+
     use super::*;
+
+    /// A self-signed CA certificate with its own serial, so each makes a distinct CA set.
+    fn ca_cert(key: &openssl::pkey::PKey<openssl::pkey::Private>, serial: u32) -> X509 {
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", &format!("ca-{serial}"))
+            .unwrap();
+        let name = name.build();
+        let mut b = openssl::x509::X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        let serial = openssl::bn::BigNum::from_u32(serial).unwrap();
+        b.set_serial_number(&serial.to_asn1_integer().unwrap())
+            .unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(key, openssl::hash::MessageDigest::sha256()).unwrap();
+        b.build()
+    }
+
+    #[test]
+    fn the_ca_store_cache_is_bounded() {
+        let group =
+            openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap();
+        let key = openssl::pkey::PKey::from_ec_key(openssl::ec::EcKey::generate(&group).unwrap())
+            .unwrap();
+        let tls = TlsConnector::new(0, std::time::Duration::from_secs(1)).unwrap();
+        let addr = "127.0.0.1:1".parse().unwrap();
+        for serial in 0..(MAX_CA_STORES as u32 + 50) {
+            let peer = Peer::tls(addr, "x").with_ca(vec![ca_cert(&key, serial)]);
+            let ca = peer.settings().ca.clone().unwrap();
+            tls.store_for(&ca).unwrap();
+            assert!(tls.stores.len() <= MAX_CA_STORES);
+        }
+        assert_eq!(tls.stores.len(), MAX_CA_STORES);
+    }
 
     #[test]
     fn underscore_variant_only_touches_leftmost_label() {
