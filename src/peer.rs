@@ -290,7 +290,15 @@ pub(crate) struct PeerInner {
     pub(crate) name: Option<String>,
     /// The first unusable setting, reported by `key()`.
     pub(crate) invalid: Option<String>,
-    key: OnceLock<PeerKey>,
+    key: OnceLock<Identity>,
+}
+
+/// The key, computed once, and beside it what the pool's hit path reads from the peer besides
+/// the key: one cache line instead of two when thousands of peers are in use.
+#[derive(Clone)]
+struct Identity {
+    key: PeerKey,
+    idle_timeout: Option<Duration>,
 }
 
 impl Peer {
@@ -538,8 +546,8 @@ impl Peer {
     /// # Errors
     /// `InvalidConfig` naming the first unusable setting.
     pub fn key(&self) -> Result<&PeerKey> {
-        if let Some(key) = self.inner.key.get() {
-            return Ok(key);
+        if let Some(identity) = self.inner.key.get() {
+            return Ok(&identity.key);
         }
         if let Some(problem) = &self.inner.invalid {
             return Err(Error::config(problem.clone()).with_peer(self.describe()));
@@ -550,7 +558,19 @@ impl Peer {
                     .map_err(|p| Error::config(p).with_peer(self.describe()))?;
             }
         }
-        Ok(self.inner.key.get_or_init(|| PeerKey::compute(&self.inner)))
+        let identity = self.inner.key.get_or_init(|| Identity {
+            key: PeerKey::compute(&self.inner),
+            idle_timeout: self.inner.idle_timeout,
+        });
+        Ok(&identity.key)
+    }
+
+    /// The idle timeout set on this peer, if any (read next to the cached key once `key()` ran).
+    pub(crate) fn idle_timeout(&self) -> Option<Duration> {
+        self.inner
+            .key
+            .get()
+            .map_or(self.inner.idle_timeout, |identity| identity.idle_timeout)
     }
 
     /// `address` or `address (SNI "name")`, for messages.

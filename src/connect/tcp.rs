@@ -151,11 +151,14 @@ pub(crate) async fn dial(peer: &Peer, timeout: Duration) -> Result<RawStream> {
 /// `start + timeout`, or a deadline decades away when that overflows: a timeout of
 /// `Duration::MAX` means "no timeout", not a panic in the dial task.
 pub(crate) fn deadline_after(start: Instant, timeout: Duration) -> Instant {
-    // What tokio itself uses as "never" (about 30 years); far enough, and never overflows.
+    // What tokio itself uses as "never" (about 30 years).
     const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
     start
-        .checked_add(timeout.min(FAR_FUTURE))
-        .unwrap_or_else(|| start + FAR_FUTURE)
+        .checked_add(timeout)
+        .or_else(|| start.checked_add(FAR_FUTURE))
+        // Unreachable on any real clock (it would have to be 30 years from overflowing);
+        // still no panic.
+        .unwrap_or(start)
 }
 
 /// A dial step's failure: a configuration mistake found by the OS, or any other I/O error.
@@ -167,12 +170,6 @@ enum DialError {
 impl From<io::Error> for DialError {
     fn from(e: io::Error) -> Self {
         DialError::Io(e)
-    }
-}
-
-impl From<Error> for DialError {
-    fn from(e: Error) -> Self {
-        DialError::Config(e)
     }
 }
 

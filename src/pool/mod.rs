@@ -126,10 +126,7 @@ impl Pool {
         // One clock read per checkout, taken before any lock.
         let now = Tick::now();
         let max = self.limits.max_connections_per_peer;
-        let idle_timeout = peer
-            .settings()
-            .idle_timeout
-            .unwrap_or(self.limits.idle_timeout);
+        let idle_timeout = peer.idle_timeout().unwrap_or(self.limits.idle_timeout);
         loop {
             let (found, expired) = match self.keys.get(key) {
                 Some(key_pool) => key_pool.checkout_locked(max, now, idle_timeout),
