@@ -244,10 +244,13 @@ async fn verify_cert_off_accepts_untrusted() {
 }
 
 #[tokio::test]
-async fn empty_sni_sends_none_and_skips_verification() {
-    // Untrusted chain: succeeding proves verification is off for an empty SNI.
+async fn empty_sni_sends_none() {
+    // An empty SNI still verifies the chain (tests/tls_safety.rs); only turning verification
+    // off accepts this untrusted one.
     let server = TestServer::builder().identity(&pki().server_b).start();
-    let peer = Peer::tls(server.addr(), "").with_ca(pki().ca_a());
+    let peer = Peer::tls(server.addr(), "")
+        .with_ca(pki().ca_a())
+        .with_verify_cert(false);
     let mut conn = connector().get(&peer).await.unwrap();
     assert_eq!(conn.digest().unwrap().cert_digest, pki().server_b.sha256());
     exchange(&mut conn).await;
@@ -791,10 +794,12 @@ async fn bind_address_is_used() {
         assert_eq!(local_addr, seen, "server sees our socket's local address");
     }
 
-    // A bind address that is not ours: an error naming the peer, not a panic.
+    // A bind address that is not ours: a configuration error naming the peer, not a panic
+    // (and not retryable: every dial would fail the same way).
     let peer = trusted(server.addr()).with_bind_to("192.0.2.1:0".parse().unwrap());
     let err = get_err(&connector(), &peer).await;
-    assert_eq!(err.kind(), ErrorKind::ConnectError, "{err}");
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(!err.retryable());
     assert!(
         err.to_string().contains(&server.addr().to_string()),
         "{err}"

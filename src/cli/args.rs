@@ -102,7 +102,8 @@ pub(crate) struct ProbeArgs {
 #[derive(Debug, Args, Default)]
 pub(crate) struct TlsArgs {
     /// Server name to send and verify. Defaults to the host of HOST:PORT when it is a name;
-    /// for an IP address no SNI is sent (and, as in nginx, nothing is verified).
+    /// for an IP address no SNI is sent and only the chain is verified, not a name (use
+    /// --insecure to skip verification).
     #[arg(long, value_name = "NAME")]
     pub(crate) sni: Option<String>,
 

@@ -82,7 +82,7 @@ impl Report {
     fn text(&self) -> String {
         let mut out = String::new();
         let sni = if self.sni.is_empty() {
-            "no SNI, certificate not verified".to_string()
+            "no SNI, host name not checked".to_string()
         } else {
             format!("SNI {:?}", self.sni)
         };
