@@ -413,3 +413,27 @@ async fn an_unverified_chain_does_not_label_other_failures_invalid_cert() {
         "the server should have refused the missing client certificate: {stats:#?}"
     );
 }
+
+/// A connection whose TLS session was shut down (close_notify sent by the caller, or one
+/// OpenSSL already received) is not pooled, even before the socket shows anything: the
+/// liveness check asks OpenSSL's shutdown state first.
+#[tokio::test]
+async fn a_shut_down_connection_is_not_pooled() {
+    use tokio::io::AsyncWriteExt;
+
+    let server = TestServer::builder().start();
+    let connector = connector_with(|_| {});
+    let peer = trusted(server.addr());
+    let mut conn = connector.get(&peer).await.unwrap();
+    exchange(&mut conn).await;
+    conn.shutdown().await.unwrap();
+    // Released at once, before the server could answer our close_notify and FIN.
+    connector.release(conn);
+    assert_eq!(connector.idle_count_for(&peer), 0);
+
+    let mut conn = connector.get(&peer).await.unwrap();
+    assert!(!conn.reused());
+    exchange(&mut conn).await;
+    let stats = server.wait_for(|s| s.requests == 2).await;
+    assert_eq!(stats.accepted, 2, "{stats:#?}");
+}
