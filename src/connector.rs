@@ -12,7 +12,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::key::PeerKey;
 use crate::metrics;
 use crate::peer::Peer;
-use crate::pool::{Checkout, Handoff, KeyPool, Limits, Pool, Slot};
+use crate::pool::{Checkout, Handoff, KeyPool, Limits, Pool, Refill, Slot, Warm};
+use crate::stats::{KeyStats, PeerStats};
 use crate::stream::{Connection, SslDigest, Stream, TimingDigest};
 
 /// The longest period between two reaper passes; see `ConnectorOptions::reap_interval`.
@@ -32,6 +33,7 @@ const MAX_REAP_INTERVAL: Duration = Duration::from_secs(3600);
 /// | `idle_timeout` | 30 s |
 /// | `max_uses` | `None` |
 /// | `max_lifetime` | `None` |
+/// | `max_lifetime_jitter` | 0.1 |
 /// | `connection_timeout` | 5 s |
 /// | `total_connection_timeout` | 10 s |
 /// | `session_cache_size` | 1,024 |
@@ -67,6 +69,13 @@ pub struct ConnectorOptions {
     /// TLS session resumption: new connections may resume a cached session until
     /// `session_max_auth_age` (or the certificate's expiry), whatever this is.
     pub max_lifetime: Option<Duration>,
+    /// Shortens each connection's `max_lifetime` by a random fraction of up to this much,
+    /// drawn once per connection when it is dialled, so that connections dialled together
+    /// (a preconnect, a burst, a restart) do not all expire, and redial, at once. 0.0 turns
+    /// it off; 1.0 allows anything from zero to the full `max_lifetime`. Defaults to 0.1
+    /// (each lifetime 90% to 100% of `max_lifetime`); must be within 0.0..=1.0, else
+    /// `Connector::new` returns `InvalidConfig`. No effect without `max_lifetime`.
+    pub max_lifetime_jitter: f64,
     /// TCP connect timeout when the peer sets none. Defaults to 5 s.
     pub connection_timeout: Duration,
     /// TCP connect plus TLS handshake timeout when the peer sets none. Defaults to 10 s.
@@ -103,6 +112,7 @@ impl Default for ConnectorOptions {
             idle_timeout: Duration::from_secs(30),
             max_uses: None,
             max_lifetime: None,
+            max_lifetime_jitter: 0.1,
             connection_timeout: Duration::from_secs(5),
             total_connection_timeout: Duration::from_secs(10),
             session_cache_size: 1024,
@@ -133,6 +143,12 @@ impl ConnectorOptions {
             return Err(Error::config(
                 "ConnectorOptions::max_connections_per_peer must be at least 1 (or None for no cap)",
             ));
+        }
+        if !(0.0..=1.0).contains(&self.max_lifetime_jitter) {
+            return Err(Error::config(format!(
+                "ConnectorOptions::max_lifetime_jitter must be within 0.0..=1.0, got {}",
+                self.max_lifetime_jitter
+            )));
         }
         if self.max_uses == Some(0) {
             return Err(Error::config(
@@ -169,21 +185,27 @@ impl Connector {
     pub fn new(options: ConnectorOptions) -> Result<Connector> {
         options.validate()?;
         let tls = TlsConnector::new(options.session_cache_size, options.session_max_auth_age)?;
-        let pool = Arc::new(Pool::new(Limits {
+        let limits = Limits {
             max_idle_per_peer: options.max_idle_per_peer,
             max_idle_total: options.max_idle_total,
             max_connections_per_peer: options.max_connections_per_peer,
             max_uses: options.max_uses,
-            max_lifetime: options.max_lifetime,
             idle_timeout: options.idle_timeout,
             // A longer period gains nothing, and tokio's interval would overflow adding
             // `Duration::MAX` to the current instant.
             reap_interval: options.reap_interval.min(MAX_REAP_INTERVAL),
             peer_label: options.metrics_peer_label,
-        }));
-        Ok(Connector {
-            inner: Arc::new(Inner { options, tls, pool }),
-        })
+        };
+        // The pool reaches back to the connector (weakly) for `min_idle` top-up dials.
+        let inner = Arc::new_cyclic(|me: &std::sync::Weak<Inner>| {
+            let refill: std::sync::Weak<dyn Refill> = me.clone();
+            Inner {
+                options,
+                tls,
+                pool: Arc::new(Pool::new(limits, refill)),
+            }
+        });
+        Ok(Connector { inner })
     }
 
     /// The options this connector was built with.
@@ -257,12 +279,9 @@ impl Connector {
             },
         };
         conn.mark_checked_out(true);
-        conn.inner
-            .lease
-            .key_pool
-            .metrics
-            .checkout_reused
-            .increment(1);
+        let key_pool = &conn.inner.lease.key_pool;
+        key_pool.metrics.checkout_reused.increment(1);
+        KeyStats::bump(&key_pool.stats.checkouts_reused);
         Ok(conn)
     }
 
@@ -333,7 +352,9 @@ impl Connector {
         // Counted here, not in the dial: a dial whose caller went away pools its connection
         // and is not a checkout (the caller who takes it later counts as `reused`).
         if let Ok(conn) = &result {
-            conn.inner.lease.key_pool.metrics.checkout_new.increment(1);
+            let key_pool = &conn.inner.lease.key_pool;
+            key_pool.metrics.checkout_new.increment(1);
+            KeyStats::bump(&key_pool.stats.checkouts_new);
         }
         result
     }
@@ -359,11 +380,31 @@ impl Drop for PendingDial {
 }
 
 impl Inner {
+    /// Dials with `slot`, counting the dial in the key's stats while it runs and its failure.
     async fn dial(&self, peer: &Peer, key: &PeerKey, slot: Slot) -> Result<Connection> {
-        let settings = peer.settings();
         let Some(key_pool) = slot.key_pool().cloned() else {
             return Err(Error::internal("dial started without a slot"));
         };
+        let result = {
+            let _connecting = key_pool.stats.connecting();
+            self.establish(peer, key, slot, &key_pool).await
+        };
+        if result.is_err() {
+            KeyStats::bump(&key_pool.stats.connect_errors);
+        }
+        result
+    }
+
+    async fn establish(
+        &self,
+        peer: &Peer,
+        key: &PeerKey,
+        slot: Slot,
+        key_pool: &KeyPool,
+    ) -> Result<Connection> {
+        let settings = peer.settings();
+        // Taken before the dial: a connection whose dial overlapped an `evict` is not pooled.
+        let epoch = key_pool.epoch();
         let m = &key_pool.metrics;
         let total = settings
             .total_connection_timeout
@@ -388,8 +429,10 @@ impl Inner {
             let digest = SslDigest::from_ssl(handshake.stream.ssl());
             if handshake.resumed {
                 m.handshake_resumed.record(took.as_secs_f64());
+                KeyStats::bump(&key_pool.stats.handshakes_resumed);
             } else {
                 m.handshake_full.record(took.as_secs_f64());
+                KeyStats::bump(&key_pool.stats.handshakes_full);
             }
             m.handshake(&digest);
             tracing::debug!(
@@ -409,8 +452,12 @@ impl Inner {
         };
 
         let idle_timeout = settings.idle_timeout.unwrap_or(self.options.idle_timeout);
+        let lifetime = self
+            .options
+            .max_lifetime
+            .map(|max| jittered(max, self.options.max_lifetime_jitter));
         let lease = slot
-            .into_lease(idle_timeout)
+            .into_lease(idle_timeout, lifetime, epoch)
             .ok_or_else(|| Error::internal("dial slot was already used"))?;
         let timing = TimingDigest {
             established_ts: SystemTime::now(),
@@ -457,4 +504,155 @@ impl Connector {
         peer.key()
             .map_or(0, |key| self.inner.pool.connection_count_for(key))
     }
+}
+
+/// Operating the pool: warming, stats, eviction.
+impl Connector {
+    /// Dials until `n` idle connections exist for `peer`'s exact key, and returns how many
+    /// are idle then.
+    ///
+    /// Dials what is missing concurrently (a connection already idle, or a dial of another
+    /// `preconnect` or of the `min_idle` top-up in progress, counts towards `n`), capped by
+    /// `max_idle_per_peer`, the room left under `max_idle_total` and
+    /// `max_connections_per_peer` (at the cap it stops there: it never waits). The
+    /// connections go to the idle pool, so a later `get` hands them out with `reused()` true
+    /// (or to a `get` already waiting at the cap). A second call with the same `n` dials
+    /// nothing. Counts as a use of the key (for [`Peer::with_min_idle`]).
+    ///
+    /// Cost: one TCP connect and TLS handshake per missing connection (the first full, the
+    /// others resuming its session when they start after it was cached).
+    ///
+    /// # Errors
+    /// `InvalidConfig` for an unusable peer; otherwise the first error of the dials (as
+    /// [`Connector::get`] reports them). The dials that succeeded are pooled all the same.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the dials run on tasks of their own; dropping the future leaves them to
+    /// finish and pool their connections, bounded by the total connection timeout.
+    pub async fn preconnect(&self, peer: &Peer, n: usize) -> Result<usize> {
+        let key = peer.key()?;
+        let reserved = self.inner.pool.reserve_warm(key, peer, n);
+        let dials: Vec<_> = reserved
+            .into_iter()
+            .map(|(slot, warm)| {
+                let inner = Arc::clone(&self.inner);
+                let (peer, key) = (peer.clone(), key.clone());
+                tokio::spawn(
+                    async move { inner.warm(&peer, &key, slot, warm).await }.in_current_span(),
+                )
+            })
+            .collect();
+        let mut first_error = None;
+        for dial in dials {
+            let outcome = dial
+                .await
+                .unwrap_or_else(|e| Err(Error::internal(format!("preconnect dial task: {e}"))));
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(self.inner.pool.idle_count_for(key)),
+        }
+    }
+
+    /// A snapshot of `peer`'s exact key: connections now and all-time counters (see
+    /// [`PeerStats`] for what each counts and how long they live). `PeerStats::default()` for
+    /// a key never used, forgotten, or an unusable peer.
+    ///
+    /// Cost: one map lookup and one short lock of the key; counting is always on and costs
+    /// the hit path one relaxed atomic add.
+    pub fn stats_for(&self, peer: &Peer) -> PeerStats {
+        peer.key().map_or_else(
+            |_| PeerStats::default(),
+            |key| self.inner.pool.stats_for(key),
+        )
+    }
+
+    /// Every key's snapshot, with its description (`address` or `address SNI "name"`; peers
+    /// differing only in other settings have equal descriptions, one entry each), in no
+    /// particular order.
+    ///
+    /// Cost: one short lock per key; O(keys).
+    pub fn stats(&self) -> Vec<(String, PeerStats)> {
+        self.inner.pool.stats()
+    }
+
+    /// Closes every idle connection of `peer`'s exact key and forgets its cached TLS session,
+    /// for an upstream removed from configuration or one that rotated its certificate.
+    /// Returns how many idle connections were closed.
+    ///
+    /// Connections in use, and dials in progress, are closed when released instead of pooled
+    /// (counted in `PeerStats::evicted` then); the next dial authenticates in full. Metrics
+    /// count each as `upstream_pool_evictions_total{reason="evicted"}`.
+    pub fn evict(&self, peer: &Peer) -> usize {
+        let Ok(key) = peer.key() else {
+            return 0;
+        };
+        self.inner.tls.forget_session(key);
+        self.inner.pool.evict(key)
+    }
+
+    /// [`Connector::evict`] for every key, and forgets every cached TLS session. Returns how
+    /// many idle connections were closed. Cost: O(keys).
+    pub fn evict_all(&self) -> usize {
+        self.inner.tls.forget_all_sessions();
+        self.inner.pool.evict_all()
+    }
+}
+
+impl Inner {
+    /// One `preconnect` or top-up dial: pools the connection, then releases its warming
+    /// place (so the key never looks short in between).
+    async fn warm(&self, peer: &Peer, key: &PeerKey, slot: Slot, mut warm: Warm) -> Result<()> {
+        match self.dial(peer, key, slot).await {
+            Ok(conn) => {
+                self.pool.release(conn);
+                drop(warm);
+                Ok(())
+            }
+            Err(e) => {
+                warm.failed();
+                drop(warm);
+                metrics::connect_error(
+                    e.kind(),
+                    self.options
+                        .metrics_peer_label
+                        .then(|| peer.name())
+                        .as_deref(),
+                );
+                tracing::debug!(peer = %peer.describe(), error = %e, "warming dial failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Refill for Inner {
+    fn refill(self: Arc<Self>, peer: Peer, slot: Slot, warm: Warm) {
+        let Ok(key) = peer.key().cloned() else {
+            // The key came from this peer; it cannot fail now. Dropping frees the slot.
+            return;
+        };
+        tokio::spawn(async move {
+            // The error is counted in the stats and metrics, and backs the key off.
+            let _ = self.warm(&peer, &key, slot, warm).await;
+        });
+    }
+}
+
+/// `max` shortened by a random fraction of up to `jitter` (in 0.0..=1.0).
+///
+/// The random bits come from `RandomState`, whose keys are seeded per process and stepped for
+/// every instance: no dependency, and a dial is rare enough for its cost (tens of ns).
+fn jittered(max: Duration, jitter: f64) -> Duration {
+    use std::hash::BuildHasher;
+    if jitter <= 0.0 {
+        return max;
+    }
+    let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    // The top 53 bits as a fraction in [0, 1).
+    let unit = (bits >> 11) as f64 / (1u64 << 53) as f64;
+    max.mul_f64(1.0 - jitter * unit)
 }

@@ -35,12 +35,14 @@ pub mod metrics;
 mod peer;
 mod pool;
 mod session_cache;
+mod stats;
 mod stream;
 
 pub use connector::{Connector, ConnectorOptions};
 pub use error::{Error, ErrorKind, Result};
 pub use key::PeerKey;
 pub use peer::{Alpn, CertKey, Peer, PeerAddress, TcpKeepalive};
+pub use stats::PeerStats;
 pub use stream::{Connection, SslDigest, TimingDigest};
 
 /// Compiles the README's Rust examples as doctests, so they cannot drift from the API.

@@ -89,16 +89,19 @@ pub(crate) enum EvictionReason {
     MaxLifetime,
     /// Used `max_uses` times.
     MaxUses,
+    /// Closed by `Connector::evict` or `evict_all` (idle at the call, in use at release).
+    Evicted,
 }
 
 impl EvictionReason {
-    const ALL: [EvictionReason; 6] = [
+    const ALL: [EvictionReason; 7] = [
         EvictionReason::IdleTimeout,
         EvictionReason::Closed,
         EvictionReason::UnexpectedData,
         EvictionReason::Capacity,
         EvictionReason::MaxLifetime,
         EvictionReason::MaxUses,
+        EvictionReason::Evicted,
     ];
 
     pub(crate) const fn as_str(self) -> &'static str {
@@ -109,6 +112,7 @@ impl EvictionReason {
             EvictionReason::Capacity => "capacity",
             EvictionReason::MaxLifetime => "max_lifetime",
             EvictionReason::MaxUses => "max_uses",
+            EvictionReason::Evicted => "evicted",
         }
     }
 }
@@ -125,7 +129,7 @@ pub(crate) struct PeerMetrics {
     pub(crate) idle: Gauge,
     pub(crate) active: Gauge,
     pub(crate) wait: Histogram,
-    evictions: [Counter; 6],
+    evictions: [Counter; 7],
 }
 
 impl PeerMetrics {

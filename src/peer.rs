@@ -287,6 +287,7 @@ pub(crate) struct PeerInner {
     pub(crate) tcp_keepalive: Option<TcpKeepalive>,
     pub(crate) tcp_nodelay: bool,
     pub(crate) session_resumption: bool,
+    pub(crate) min_idle: usize,
     pub(crate) name: Option<String>,
     /// The first unusable setting, reported by `key()`.
     pub(crate) invalid: Option<String>,
@@ -322,6 +323,7 @@ impl Peer {
                 tcp_keepalive: None,
                 tcp_nodelay: true,
                 session_resumption: true,
+                min_idle: 0,
                 name: None,
                 invalid: None,
                 key: OnceLock::new(),
@@ -500,6 +502,27 @@ impl Peer {
     /// `session_cache_size` must be non-zero).
     pub fn with_session_resumption(self, enabled: bool) -> Peer {
         self.edit(|inner| inner.session_resumption = enabled)
+    }
+
+    /// Once this peer's key has been used (a `get` or `preconnect`), keep at least `n` idle
+    /// connections for it, dialled in the background. Defaults to 0 (none). Not part of the
+    /// pool key.
+    ///
+    /// The connector's one background task (the reaper) tops the key up every
+    /// `reap_interval` after checkouts took idle connections away, dialling at most 16
+    /// connections per pass across all keys. The target is capped by `max_idle_per_peer`,
+    /// and the dials count against `max_connections_per_peer` (top-ups stop at the cap: they
+    /// never make a `get` wait) and stop while `max_idle_total` is reached. After a failed
+    /// dial the key waits 100 ms before trying again, doubling up to 10 s, and dials one
+    /// connection at a time until one succeeds: an upstream that is down is not hammered.
+    /// Topping up stops once the key has not been used for its idle timeout (the idle
+    /// connections then expire as usual). When peers with different `min_idle` share a key,
+    /// the one of the latest `get` counts.
+    ///
+    /// Cost: one TCP connect and TLS handshake per connection topped up, on the connector's
+    /// runtime, even if no request ever uses it.
+    pub fn with_min_idle(self, n: usize) -> Peer {
+        self.edit(|inner| inner.min_idle = n)
     }
 
     /// Keep this peer's connections apart from every other peer's, even with equal settings

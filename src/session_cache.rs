@@ -167,6 +167,25 @@ impl SessionCache {
     }
 }
 
+/// Forgetting on demand (`Connector::evict`): an upstream that was removed or rotated its
+/// certificate must authenticate in full again.
+impl SessionCache {
+    /// Forgets the session cached for `key`, if any.
+    pub(crate) fn remove(&self, key: &PeerKey) {
+        let mut lru = self.lru.lock();
+        if let Some((_, stamp)) = lru.entries.remove(key) {
+            lru.order.remove(&stamp);
+        }
+    }
+
+    /// Forgets every session.
+    pub(crate) fn clear(&self) {
+        let mut lru = self.lru.lock();
+        lru.entries.clear();
+        lru.order.clear();
+    }
+}
+
 impl std::fmt::Debug for Lru {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lru")

@@ -333,6 +333,24 @@ impl TlsConnector {
     }
 }
 
+/// Forgetting sessions on demand, for `Connector::evict`.
+impl TlsConnector {
+    /// Forgets the session cached for `key`: its next handshake authenticates in full. A
+    /// handshake already in flight may still cache the session it ends with.
+    pub(crate) fn forget_session(&self, key: &PeerKey) {
+        if let Some(cache) = &self.sessions {
+            cache.remove(key);
+        }
+    }
+
+    /// Forgets every cached session.
+    pub(crate) fn forget_all_sessions(&self) {
+        if let Some(cache) = &self.sessions {
+            cache.clear();
+        }
+    }
+}
+
 /// A failed chain or hostname check is `InvalidCert`; every other failure is a handshake
 /// failure (a reset or EOF mid-handshake included: the server is not speaking TLS to us).
 ///

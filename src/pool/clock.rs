@@ -22,6 +22,11 @@ impl Tick {
         Tick(read())
     }
 
+    /// The reading `d` later than this one.
+    pub(crate) fn plus(self, d: Duration) -> Tick {
+        Tick(self.0.saturating_add(d))
+    }
+
     /// Whether more than `limit` may have passed since `earlier`: both readings can trail the
     /// real time by up to one resolution, so the measured span can fall short of the real one
     /// by that much.

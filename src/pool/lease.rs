@@ -44,7 +44,14 @@ impl Slot {
     }
 
     /// Turns the slot into the lease of a freshly dialled connection (counted as active).
-    pub(crate) fn into_lease(mut self, idle_timeout: Duration) -> Option<Lease> {
+    /// `lifetime` is this connection's `max_lifetime`, jitter applied; `epoch` the key's
+    /// eviction epoch when the dial started.
+    pub(crate) fn into_lease(
+        mut self,
+        idle_timeout: Duration,
+        lifetime: Option<Duration>,
+        epoch: u64,
+    ) -> Option<Lease> {
         let key_pool = self.key_pool.take()?;
         key_pool.metrics.active.increment(1.0);
         Some(Lease {
@@ -52,6 +59,8 @@ impl Slot {
             created: Tick::now(),
             uses: 0,
             idle_timeout,
+            lifetime,
+            epoch,
             state: LeaseState::Active,
         })
     }
@@ -115,6 +124,11 @@ pub(crate) struct Lease {
     pub(crate) created: Tick,
     pub(crate) uses: u32,
     pub(crate) idle_timeout: Duration,
+    /// Closed at the first release or checkout this long after `created`, if set.
+    pub(crate) lifetime: Option<Duration>,
+    /// The key's eviction epoch the connection was dialled in; an older one than the key's
+    /// means `evict` ran since, and the connection is closed at release.
+    pub(crate) epoch: u64,
     state: LeaseState,
 }
 

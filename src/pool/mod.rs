@@ -10,6 +10,12 @@
 //!   key. Connections are never dropped while it is held: dropping one frees its slot, which
 //!   takes the same lock.
 //! - Gauges and the global idle count are kept by each connection's [`Lease`].
+//! - `KeyPool::stats` are relaxed atomics outside the lock (see [`crate::stats`]).
+//!
+//! Operating the pool: [`Pool::reserve_warm`] takes the slots `preconnect` dials with, the
+//! reaper tops keys up to their `min_idle` through the connector's [`Refill`], and
+//! [`Pool::evict`] closes a key's idle connections and bumps its epoch so that the ones in use
+//! are closed at release.
 
 mod clock;
 mod lease;
@@ -17,7 +23,7 @@ mod reaper;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -30,10 +36,30 @@ use self::clock::Tick;
 use crate::key::{PeerKey, PrehashedState};
 use crate::metrics::{EvictionReason, PeerMetrics};
 use crate::peer::Peer;
+use crate::stats::{KeyStats, PeerStats};
 use crate::stream::{Connection, Liveness};
 
 /// Below this queue length abandoned waiters are left for `release` and the reaper to skip.
 const MIN_WAITER_PRUNE: usize = 16;
+
+/// At most this many `min_idle` top-up dials start per reaper pass, across all keys, so a
+/// connector with many keys (or a fleet that just came back) does not open a burst of
+/// handshakes at once; with the default 250 ms interval that is 64 dials a second.
+const MAX_REFILLS_PER_PASS: usize = 16;
+/// A key whose top-up dial failed waits this long before the next one, doubling with each
+/// further failure up to [`REFILL_BACKOFF_MAX`]; one success resets it. An upstream that is
+/// down is tried a handful of times a minute, not hammered.
+const REFILL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const REFILL_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Dials for the pool in the background: implemented by the connector, which owns the TLS
+/// context. The pool holds it weakly (the connector owns the pool).
+pub(crate) trait Refill: Send + Sync {
+    /// Dials one connection to `peer` with `slot` on a task of its own and pools it; `warm`
+    /// is dropped once the connection is pooled (or the dial failed, after
+    /// [`Warm::failed`]).
+    fn refill(self: Arc<Self>, peer: Peer, slot: Slot, warm: Warm);
+}
 
 /// The pool's limits, copied from `ConnectorOptions`.
 #[derive(Debug, Clone)]
@@ -42,10 +68,9 @@ pub(crate) struct Limits {
     pub(crate) max_idle_total: usize,
     pub(crate) max_connections_per_peer: Option<usize>,
     pub(crate) max_uses: Option<u32>,
-    pub(crate) max_lifetime: Option<Duration>,
-    /// The idle timeout of peers that set none (`ConnectorOptions::idle_timeout`).
-    pub(crate) idle_timeout: Duration,
     pub(crate) reap_interval: Duration,
+    /// The connector's idle timeout, for keys whose peer sets none.
+    pub(crate) idle_timeout: Duration,
     pub(crate) peer_label: bool,
 }
 
@@ -61,6 +86,8 @@ pub(crate) struct Pool {
     /// Made with the first key (not in `new`) so it registers with the recorder in force
     /// where the pool is first used, as per-key handles do.
     unlabelled_metrics: OnceLock<Arc<PeerMetrics>>,
+    /// The connector, for `min_idle` top-up dials.
+    refill: Weak<dyn Refill>,
 }
 
 /// One key's connections.
@@ -69,6 +96,14 @@ pub(crate) struct KeyPool {
     pub(crate) description: String,
     /// Shared by every key when metrics carry no `peer` label (the default).
     pub(crate) metrics: Arc<PeerMetrics>,
+    /// This key's own counters, whatever the metrics share.
+    pub(crate) stats: KeyStats,
+    /// The peer that created the key, dialled by `min_idle` top-ups: every setting that
+    /// shapes a connection is in the key, so any peer with this key dials the same.
+    peer: Peer,
+    /// The key's idle timeout: `min_idle` top-ups and the key itself stop this long after
+    /// its last use.
+    idle_timeout: Duration,
     idle_total: Arc<AtomicUsize>,
     state: Mutex<KeyState>,
 }
@@ -86,6 +121,49 @@ struct KeyState {
     /// is left: pruning on every enqueue would cost O(n²) under overload, this costs O(1)
     /// per enqueue amortised while still bounding the queue at twice its live waiters.
     prune_waiters_at: usize,
+    /// Bumped by `evict`; a connection dialled under an older epoch is not pooled again.
+    epoch: u64,
+    /// The last `get` or `preconnect`, `None` before the first.
+    last_used: Option<Tick>,
+    /// The largest `min_idle` of the peers seen at checkout, kept while the key is used.
+    min_idle: usize,
+    /// Dials by `preconnect` and the top-up in progress: counted towards the idle target so
+    /// that overlapping calls or passes do not dial the same deficit twice.
+    warming: usize,
+    /// Top-up dials failed in a row, and when the next may start.
+    refill_failures: u32,
+    refill_after: Option<Tick>,
+}
+
+/// One `preconnect` or top-up dial's place in [`KeyState::warming`]: released on drop, after
+/// the connection was pooled.
+pub(crate) struct Warm {
+    key_pool: Arc<KeyPool>,
+    failed: bool,
+}
+
+impl Warm {
+    /// Marks the dial failed: the key backs off before the next top-up.
+    pub(crate) fn failed(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        let mut state = self.key_pool.state.lock();
+        state.warming -= 1;
+        if self.failed {
+            state.refill_failures = state.refill_failures.saturating_add(1);
+            let backoff = REFILL_BACKOFF_MIN
+                .saturating_mul(1 << (state.refill_failures - 1).min(16))
+                .min(REFILL_BACKOFF_MAX);
+            state.refill_after = Some(Tick::now().plus(backoff));
+        } else {
+            state.refill_failures = 0;
+            state.refill_after = None;
+        }
+    }
 }
 
 struct Idle {
@@ -104,8 +182,9 @@ pub(crate) enum Checkout {
 }
 
 impl Pool {
-    pub(crate) fn new(limits: Limits) -> Pool {
+    pub(crate) fn new(limits: Limits, refill: Weak<dyn Refill>) -> Pool {
         Pool {
+            refill,
             keys: DashMap::with_hasher(PrehashedState::default()),
             idle_total: Arc::new(AtomicUsize::new(0)),
             limits,
@@ -127,19 +206,19 @@ impl Pool {
         let now = Tick::now();
         let max = self.limits.max_connections_per_peer;
         let idle_timeout = peer.idle_timeout().unwrap_or(self.limits.idle_timeout);
+        let min_idle = peer.settings().min_idle;
+        // Running from the first checkout, not the first release: `min_idle` tops up a key
+        // whose first dial failed, and the reaper forgets keys nobody uses (keys whose dials
+        // all fail would otherwise pile up).
+        self.ensure_reaper();
         loop {
             let (found, expired) = match self.keys.get(key) {
-                Some(key_pool) => key_pool.checkout_locked(max, now, idle_timeout),
-                None => {
-                    // The reaper is what forgets unused keys: start it with the first key,
-                    // not only at the first release, or keys whose dials all fail would
-                    // pile up.
-                    self.ensure_reaper();
-                    self.keys
-                        .entry(key.clone())
-                        .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
-                        .checkout_locked(max, now, idle_timeout)
-                }
+                Some(key_pool) => key_pool.checkout_locked(max, now, idle_timeout, min_idle),
+                None => self
+                    .keys
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                    .checkout_locked(max, now, idle_timeout, min_idle),
             };
             // Dropped here, outside every lock.
             drop(expired);
@@ -167,14 +246,85 @@ impl Pool {
                         .get_or_init(|| Arc::new(PeerMetrics::new(None))),
                 )
             },
+            stats: KeyStats::default(),
+            peer: peer.clone(),
+            idle_timeout: peer
+                .settings()
+                .idle_timeout
+                .unwrap_or(self.limits.idle_timeout),
             idle_total: Arc::clone(&self.idle_total),
             state: Mutex::new(KeyState::default()),
         }
     }
 
+    /// Takes slots for `preconnect`: as many as are missing for `n` idle connections of the
+    /// key, counting dials already warming it, within `max_idle_per_peer`, the room left under
+    /// `max_idle_total` and `max_connections_per_peer`.
+    pub(crate) fn reserve_warm(
+        self: &Arc<Self>,
+        key: &PeerKey,
+        peer: &Peer,
+        n: usize,
+    ) -> Vec<(Slot, Warm)> {
+        let now = Tick::now();
+        self.ensure_reaper();
+        let key_pool = Arc::clone(
+            self.keys
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                .value(),
+        );
+        let room_total = self
+            .limits
+            .max_idle_total
+            .saturating_sub(self.idle_total.load(Ordering::Relaxed));
+        let target = n.min(self.limits.max_idle_per_peer);
+        let mut state = key_pool.state.lock();
+        state.last_used = Some(now);
+        state.min_idle = peer.settings().min_idle;
+        let missing = target
+            .saturating_sub(state.idle.len() + state.warming)
+            .min(room_total);
+        key_pool.take_warm_slots(&mut *state, missing, self.limits.max_connections_per_peer)
+    }
+
+    /// Closes every idle connection of `key` and makes the ones in use (and dials in
+    /// progress) close at release. Returns how many idle connections were closed.
+    pub(crate) fn evict(&self, key: &PeerKey) -> usize {
+        let Some(key_pool) = self.keys.get(key).map(|kp| Arc::clone(kp.value())) else {
+            return 0;
+        };
+        key_pool.evict()
+    }
+
+    /// [`Pool::evict`] for every key.
+    pub(crate) fn evict_all(&self) -> usize {
+        let key_pools: Vec<Arc<KeyPool>> =
+            self.keys.iter().map(|kp| Arc::clone(kp.value())).collect();
+        key_pools.iter().map(|kp| kp.evict()).sum()
+    }
+
+    /// A snapshot of one key's connections and counters.
+    pub(crate) fn stats_for(&self, key: &PeerKey) -> PeerStats {
+        self.keys
+            .get(key)
+            .map_or_else(PeerStats::default, |kp| kp.stats())
+    }
+
+    /// Every key's description and snapshot.
+    pub(crate) fn stats(&self) -> Vec<(String, PeerStats)> {
+        let key_pools: Vec<Arc<KeyPool>> =
+            self.keys.iter().map(|kp| Arc::clone(kp.value())).collect();
+        key_pools
+            .iter()
+            .map(|kp| (kp.description.clone(), kp.stats()))
+            .collect()
+    }
+
     /// Why an idle connection must not be handed out, if it must not.
     fn unusable(&self, conn: &mut Connection, now: Tick) -> Option<EvictionReason> {
-        if let Some(max) = self.limits.max_lifetime {
+        // The lease's own lifetime: `max_lifetime` shortened by its jitter.
+        if let Some(max) = conn.inner.lease.lifetime {
             if now.exceeded(conn.inner.lease.created, max) {
                 return Some(EvictionReason::MaxLifetime);
             }
@@ -202,6 +352,15 @@ impl Pool {
         let key_pool = Arc::clone(&conn.inner.lease.key_pool);
         let surplus = {
             let mut state = key_pool.state.lock();
+            // Checked under the lock `evict` bumps the epoch under, so a release racing an
+            // eviction cannot slip a connection into the list it just emptied.
+            if conn.inner.lease.epoch != state.epoch {
+                drop(state);
+                key_pool.evicted(EvictionReason::Evicted, 1);
+                tracing::debug!(peer = %key_pool.description, "evicted at release");
+                drop(conn);
+                return;
+            }
             if !state.waiters.is_empty() {
                 match lease::offer_to_waiters(&mut state.waiters, Handoff::Conn(conn)) {
                     None => return,
@@ -289,7 +448,8 @@ impl Pool {
     }
 
     /// One reaper pass: evicts idle connections that expired, were closed by the upstream or
-    /// received unexpected data, and forgets keys with no connections left.
+    /// received unexpected data, tops keys up to their `min_idle`, and forgets keys with no
+    /// connections left that were not used for their idle timeout.
     pub(crate) fn reap(&self, now: Tick) {
         let mut evicted: Vec<(EvictionReason, Connection)> = Vec::new();
         for entry in self.keys.iter() {
@@ -313,7 +473,55 @@ impl Pool {
             tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "evicted idle connection");
             drop(conn);
         }
-        self.keys.retain(|_, key_pool| !key_pool.is_unused());
+        self.keys.retain(|_, key_pool| !key_pool.is_unused(now));
+        self.refill(now);
+    }
+
+    /// Starts top-up dials for keys below their `min_idle`, at most
+    /// [`MAX_REFILLS_PER_PASS`] per pass.
+    fn refill(&self, now: Tick) {
+        let mut budget = MAX_REFILLS_PER_PASS;
+        let room_total = self
+            .limits
+            .max_idle_total
+            .saturating_sub(self.idle_total.load(Ordering::Relaxed));
+        budget = budget.min(room_total);
+        let mut dials = Vec::new();
+        for entry in self.keys.iter() {
+            if budget == 0 {
+                break;
+            }
+            let key_pool = entry.value();
+            let mut state = key_pool.state.lock();
+            let used_lately = state
+                .last_used
+                .is_some_and(|used| !now.exceeded(used, key_pool.idle_timeout));
+            if state.min_idle == 0 || !used_lately || state.refill_after.is_some_and(|t| now < t) {
+                continue;
+            }
+            let target = state.min_idle.min(self.limits.max_idle_per_peer);
+            let mut missing = target.saturating_sub(state.idle.len() + state.warming);
+            // After a failure, one probe at a time until a dial succeeds again.
+            if state.refill_failures > 0 {
+                missing = missing.min(1usize.saturating_sub(state.warming));
+            }
+            let slots = key_pool.take_warm_slots(
+                &mut *state,
+                missing.min(budget),
+                self.limits.max_connections_per_peer,
+            );
+            budget -= slots.len();
+            dials.extend(slots.into_iter().map(|s| (key_pool.peer.clone(), s)));
+        }
+        if dials.is_empty() {
+            return;
+        }
+        let Some(refill) = self.refill.upgrade() else {
+            return;
+        };
+        for (peer, (slot, warm)) in dials {
+            Arc::clone(&refill).refill(peer, slot, warm);
+        }
     }
 }
 
@@ -325,9 +533,12 @@ impl KeyPool {
         cap: Option<usize>,
         now: Tick,
         idle_timeout: Duration,
+        min_idle: usize,
     ) -> (Checkout, Vec<Connection>) {
         let mut expired = Vec::new();
         let mut state = self.state.lock();
+        state.last_used = Some(now);
+        state.min_idle = min_idle;
         while let Some(idle) = state.idle.pop_back() {
             let timeout = idle.conn.inner.lease.idle_timeout.min(idle_timeout);
             if now.exceeded(idle.since, timeout) {
@@ -351,10 +562,79 @@ impl KeyPool {
         (Checkout::Wait(rx, Arc::clone(self)), expired)
     }
 
-    fn is_unused(&self) -> bool {
+    /// Whether the key can be forgotten: no connections, no waiters, and no use within its
+    /// idle timeout (kept that long so that its stats survive a moment without connections
+    /// and `min_idle` can top it up after a failed dial).
+    fn is_unused(&self, now: Tick) -> bool {
         let mut state = self.state.lock();
         state.waiters.retain(|w| !w.is_closed());
-        state.total == 0 && state.idle.is_empty() && state.waiters.is_empty()
+        state.total == 0
+            && state.idle.is_empty()
+            && state.waiters.is_empty()
+            && state
+                .last_used
+                .is_none_or(|used| now.exceeded(used, self.idle_timeout))
+    }
+
+    /// Takes up to `n` slots for warming dials, within the connection cap.
+    fn take_warm_slots(
+        self: &Arc<Self>,
+        state: &mut KeyState,
+        n: usize,
+        cap: Option<usize>,
+    ) -> Vec<(Slot, Warm)> {
+        let mut slots = Vec::new();
+        while slots.len() < n && cap.is_none_or(|cap| state.total < cap) {
+            state.total += 1;
+            state.warming += 1;
+            slots.push((
+                Slot::taken(Arc::clone(self)),
+                Warm {
+                    key_pool: Arc::clone(self),
+                    failed: false,
+                },
+            ));
+        }
+        slots
+    }
+
+    /// The epoch a dial starting now belongs to.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.state.lock().epoch
+    }
+
+    /// Counts evictions in the metrics and this key's stats.
+    fn evicted(&self, reason: EvictionReason, n: u64) {
+        for _ in 0..n {
+            self.metrics.evicted(reason);
+        }
+        if reason == EvictionReason::Evicted {
+            self.stats.evicted.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// See [`Pool::evict`].
+    fn evict(&self) -> usize {
+        let idle: Vec<Connection> = {
+            let mut state = self.state.lock();
+            state.epoch += 1;
+            state.idle.drain(..).map(|i| i.conn).collect()
+        };
+        let n = idle.len();
+        self.evicted(EvictionReason::Evicted, n as u64);
+        tracing::debug!(peer = %self.description, closed = n, "evicted");
+        // Dropped here, outside the lock: each frees its slot under it.
+        drop(idle);
+        n
+    }
+
+    fn stats(&self) -> PeerStats {
+        let (idle, total, waiting) = {
+            let state = self.state.lock();
+            let waiting = state.waiters.iter().filter(|w| !w.is_closed()).count();
+            (state.idle.len(), state.total, waiting)
+        };
+        self.stats.snapshot(idle, total, waiting)
     }
 }
 

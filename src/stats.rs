@@ -1,0 +1,103 @@
+//! Per-key statistics a program can read without a metrics recorder: [`PeerStats`].
+//!
+//! The `metrics` facade is for scraping; these counters answer "how many connections do I
+//! have to this upstream and how often are they reused" from inside the process. They live in
+//! the key's pool entry as relaxed atomics outside its lock, so counting costs the hit path
+//! one uncontended add on a cache line it already touches.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// A snapshot of one pool key's connections and its all-time counters.
+///
+/// From [`crate::Connector::stats_for`] and [`crate::Connector::stats`]. The fields are read
+/// one after the other, not under one lock, so under load they are not consistent with each
+/// other (for example `checkouts_new` may already count a dial that `in_use` does not show
+/// yet); each field on its own is exact at the moment it was read.
+///
+/// The counters cover the life of the key's pool entry: they start at zero when the first
+/// `get` or `preconnect` for the key creates it, and vanish with it when the key has had no
+/// connections and no use for its idle timeout (then a later use starts again from zero).
+/// A key that was never used, or was forgotten, reports `PeerStats::default()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// Idle connections in the pool now.
+    pub idle: usize,
+    /// Connections handed out and not yet released or dropped, now.
+    pub in_use: usize,
+    /// Dials in progress now (for `get`, `preconnect` or the `min_idle` top-up).
+    pub connecting: usize,
+    /// `get` calls waiting at `max_connections_per_peer` now.
+    pub waiting: usize,
+    /// `get` calls answered with a pooled connection (including ones handed over by a
+    /// release while waiting, and preconnected ones).
+    pub checkouts_reused: u64,
+    /// `get` calls answered with a connection dialled for them.
+    pub checkouts_new: u64,
+    /// TLS handshakes that authenticated the upstream in full (any dial: `get`, `preconnect`,
+    /// `min_idle`).
+    pub handshakes_full: u64,
+    /// TLS handshakes that resumed a cached session.
+    pub handshakes_resumed: u64,
+    /// Dials that failed (TCP connect or TLS handshake, any dial); `get` calls that timed out
+    /// waiting at the cap are not dials and are not counted.
+    pub connect_errors: u64,
+    /// Connections closed by [`crate::Connector::evict`] or `evict_all`, idle ones at the call
+    /// and in-use ones at their release.
+    pub evicted: u64,
+}
+
+/// The all-time counters of one key, bumped where the event happens.
+#[derive(Debug, Default)]
+pub(crate) struct KeyStats {
+    pub(crate) checkouts_reused: AtomicU64,
+    pub(crate) checkouts_new: AtomicU64,
+    pub(crate) handshakes_full: AtomicU64,
+    pub(crate) handshakes_resumed: AtomicU64,
+    pub(crate) connect_errors: AtomicU64,
+    pub(crate) evicted: AtomicU64,
+    /// Dials in progress; the slot count alone cannot tell them from connections in use.
+    pub(crate) connecting: AtomicUsize,
+}
+
+impl KeyStats {
+    /// Relaxed: the counters order nothing, they are only read for reporting.
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters, with the live counts filled in by the caller.
+    pub(crate) fn snapshot(&self, idle: usize, total: usize, waiting: usize) -> PeerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let connecting = self.connecting.load(Ordering::Relaxed);
+        PeerStats {
+            idle,
+            // `total` counts dials, connections in use and idle ones.
+            in_use: total.saturating_sub(idle).saturating_sub(connecting),
+            connecting,
+            waiting,
+            checkouts_reused: get(&self.checkouts_reused),
+            checkouts_new: get(&self.checkouts_new),
+            handshakes_full: get(&self.handshakes_full),
+            handshakes_resumed: get(&self.handshakes_resumed),
+            connect_errors: get(&self.connect_errors),
+            evicted: get(&self.evicted),
+        }
+    }
+
+    /// Counts one dial in progress until the returned guard is dropped (also when the dial's
+    /// future is dropped half-way).
+    pub(crate) fn connecting(&self) -> Connecting<'_> {
+        self.connecting.fetch_add(1, Ordering::Relaxed);
+        Connecting(&self.connecting)
+    }
+}
+
+/// See [`KeyStats::connecting`].
+pub(crate) struct Connecting<'a>(&'a AtomicUsize);
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
