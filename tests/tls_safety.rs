@@ -49,7 +49,15 @@ async fn dial_once(connector: &Connector, peer: &Peer) -> Result<(), (ErrorKind,
             drop(conn);
             Ok(())
         }
-        Err(e) => Err((e.kind(), e.retryable())),
+        Err(e) => {
+            if e.kind() == ErrorKind::TlsHandshakeFailure {
+                assert!(
+                    e.to_string().contains("cached session"),
+                    "a failed resumption should say so: {e}"
+                );
+            }
+            Err((e.kind(), e.retryable()))
+        }
     }
 }
 
