@@ -120,6 +120,12 @@ impl Error {
         self
     }
 
+    /// Appends `note` to the message (after OpenSSL's reason, say).
+    pub(crate) fn with_note(mut self, note: &str) -> Self {
+        self.inner.context.push_str(note);
+        self
+    }
+
     pub(crate) fn with_transient(mut self) -> Self {
         self.inner.transient = true;
         self

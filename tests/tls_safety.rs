@@ -49,7 +49,15 @@ async fn dial_once(connector: &Connector, peer: &Peer) -> Result<(), (ErrorKind,
             drop(conn);
             Ok(())
         }
-        Err(e) => Err((e.kind(), e.retryable())),
+        Err(e) => {
+            if e.kind() == ErrorKind::TlsHandshakeFailure {
+                assert!(
+                    e.to_string().contains("cached session"),
+                    "a failed resumption should say so: {e}"
+                );
+            }
+            Err((e.kind(), e.retryable()))
+        }
     }
 }
 
@@ -167,7 +175,7 @@ fn short_lived_leaf(valid_for: Duration) -> Identity {
 }
 
 async fn no_resumption_after_the_certificate_expired(version: SslVersion) {
-    let valid_for = Duration::from_secs(2);
+    let valid_for = Duration::from_secs(3);
     let expires = tokio::time::Instant::now() + valid_for;
     let leaf = short_lived_leaf(valid_for);
     let server = TestServer::builder()

@@ -310,10 +310,14 @@ impl TlsConnector {
         let resuming = offered.is_some();
         let failed = |err: Error| {
             let err = err.with_peer(peer.describe());
-            if resuming && err.kind() != ErrorKind::InvalidCert {
-                err.with_transient()
-            } else {
+            if !resuming {
+                return err;
+            }
+            let err = err.with_note(" (while offering a cached session, now forgotten)");
+            if err.kind() == ErrorKind::InvalidCert {
                 err
+            } else {
+                err.with_transient()
             }
         };
         match outcome {
