@@ -367,7 +367,12 @@ async fn keys_of_failed_dials_are_forgotten_without_any_release() {
     let closed = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let addr = closed.local_addr().unwrap();
     drop(closed);
-    let connector = connector_with(|o| o.reap_interval = Duration::from_millis(50));
+    // A key is kept for its idle timeout after its last use (its stats and `min_idle` live
+    // there), so keep that short.
+    let connector = connector_with(|o| {
+        o.reap_interval = Duration::from_millis(50);
+        o.idle_timeout = Duration::from_millis(100);
+    });
     for i in 0..20 {
         let peer = Peer::tcp(addr).with_group(format!("tenant-{i}"));
         let err = connector.get(&peer).await.unwrap_err();
