@@ -9,6 +9,8 @@
 //!   ([`server::TestServer`]).
 //! - [`client`]: a plain tokio-openssl client and a tiny HTTP/1.1 reader, for driving test
 //!   servers (or streams handed out by the pool) without `upstream_pool`.
+//! - [`nginx`]: a real nginx under a temporary prefix ([`nginx::Nginx`]) and the
+//!   skip-unless-required rule.
 //! - [`s_server`]: an `openssl s_server` child process ([`s_server::SServer`]).
 //! - [`chaos`]: a randomly misbehaving TLS upstream for load and soak tests
 //!   ([`chaos::ChaosServer`]).
@@ -32,6 +34,7 @@ pub(crate) mod client;
 pub(crate) mod client_hello;
 pub(crate) mod h1_server;
 pub(crate) mod h2_server;
+pub(crate) mod nginx;
 pub(crate) mod s_server;
 pub(crate) mod server;
 
