@@ -336,10 +336,24 @@ async fn nginx_config_self_check_with_the_h2_client() {
     let conn = parts.headers["x-conn"].to_str().unwrap().to_owned();
     assert!(String::from_utf8_lossy(&body).contains("proto=HTTP/2.0"));
     let tasks: Vec<_> = (0..50).map(|_| tokio::spawn(fetch("/"))).collect();
+    let mut reqs = Vec::new();
     for t in tasks {
         let (parts, _) = t.await.unwrap();
         assert_eq!(parts.headers["x-conn"].to_str().unwrap(), conn);
+        reqs.push(
+            parts.headers["x-conn-requests"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+        );
     }
+    reqs.sort_unstable();
+    assert_eq!(
+        reqs,
+        (2..=51).collect::<Vec<_>>(),
+        "$connection_requests over HTTP/2"
+    );
     let (_, body) = fetch("/big.bin").await;
     assert!(body == pattern(BIG), "static file damaged");
 }

@@ -156,7 +156,8 @@ pub(crate) struct HttpStats {
     pub(crate) answered: usize,
     /// Per-connection details, indexed by connection id.
     pub(crate) conns: Vec<ConnStats>,
-    /// Every request head received, in order of arrival.
+    /// Every request that ended (answered, dropped on purpose or reset by the client), in
+    /// the order they ended.
     pub(crate) log: Vec<RequestLog>,
 }
 
@@ -185,9 +186,10 @@ impl HttpStats {
         self.conns.iter().filter(|c| c.requests > 0).count()
     }
 
-    /// Request heads received, all connections.
+    /// Request heads received, all connections (including requests still in flight, which
+    /// [`Self::log`] lists only once they end).
     pub(crate) fn requests(&self) -> usize {
-        self.log.len()
+        self.conns.iter().map(|c| c.requests).sum()
     }
 }
 
