@@ -127,7 +127,7 @@ impl HttpConnector {
     /// [module docs](self) for protocol selection, the release rule and retries.
     ///
     /// # Errors
-    /// `InvalidConfig` for an unusable peer; `InvalidRequest` for a request that cannot be
+    /// `InvalidConfig` for an unusable peer; `InvalidConfig` for a request that cannot be
     /// sent (bad authority, `CONNECT`, a `content-length` that contradicts the body, an
     /// unsupported `transfer-encoding`); every error of `Connector::get` while connecting;
     /// `PoolTimedout` at the per-peer cap; `ProtocolError` for a malformed or unsupported

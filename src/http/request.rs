@@ -47,7 +47,7 @@ const CONNECTION_SPECIFIC: [&str; 5] = [
 
 impl Prepared {
     pub(crate) fn new<B: http_body::Body>(parts: Parts, body: &B, peer: &Peer) -> Result<Prepared> {
-        let invalid = |what: String| super::error(ErrorKind::InvalidRequest, peer, what);
+        let invalid = |what: String| super::error(ErrorKind::InvalidConfig, peer, what);
         let Parts {
             method,
             uri,

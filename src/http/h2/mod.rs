@@ -66,7 +66,7 @@ where
             Ok(sent) => sent,
             Err(e) if is_user_error(&e) => {
                 return Err(super::error(
-                    ErrorKind::InvalidRequest,
+                    ErrorKind::InvalidConfig,
                     peer,
                     format!("HTTP/2 refused the request: {e}"),
                 ))
@@ -149,7 +149,7 @@ fn build_request(req: &Prepared, peer: &Peer) -> Result<Request<()>> {
         .authority(req.authority.clone())
         .path_and_query(req.path.clone())
         .build()
-        .map_err(|e| super::error(ErrorKind::InvalidRequest, peer, format!("request URI: {e}")))?;
+        .map_err(|e| super::error(ErrorKind::InvalidConfig, peer, format!("request URI: {e}")))?;
     let mut request = Request::new(());
     *request.method_mut() = req.method.clone();
     *request.uri_mut() = uri;
