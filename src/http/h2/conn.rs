@@ -153,12 +153,15 @@ fn protocol_error(peer: &Peer, why: String) -> Error {
 /// are done), it failed, a keepalive PING went unanswered, or `check_idle` closed it.
 ///
 /// `check_idle(now, idle)` returns when to look again, or `None` to close now (the
-/// connection has been idle for `idle` and was taken out of service).
+/// connection has been idle for `idle` and was taken out of service). Returns whether the
+/// server ended it with GOAWAY: a clean end while the registry still holds the handle that
+/// opens streams can only be the server's GOAWAY (with the handle gone, `h2` ends it
+/// itself, but then the key is gone too and nobody asks).
 pub(super) async fn run(
     ready: Ready,
     timers: Timers,
     mut check_idle: impl FnMut(Instant, Duration) -> Option<Instant>,
-) {
+) -> bool {
     let Ready {
         send,
         mut connection,
@@ -179,14 +182,17 @@ pub(super) async fn run(
             .unwrap_or(idle_at);
         tokio::select! {
             result = &mut connection => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
-                }
-                return;
+                return match result {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                        e.is_go_away() && e.is_remote()
+                    }
+                };
             }
             pong = poll_fn(|cx| ping.poll_pong(cx)), if pong_due.is_some() => {
                 if pong.is_err() {
-                    return;
+                    return false;
                 }
                 pong_due = None;
                 next_ping = timers.ping_interval.map(|p| Instant::now() + p);
@@ -195,17 +201,17 @@ pub(super) async fn run(
                 let now = Instant::now();
                 if pong_due.is_some_and(|due| now >= due) {
                     tracing::debug!("HTTP/2 keepalive PING unanswered; closing the connection");
-                    return;
+                    return false;
                 }
                 if now >= idle_at {
                     match check_idle(now, timers.idle) {
                         Some(next) => idle_at = next,
-                        None => return,
+                        None => return false,
                     }
                 }
                 if pong_due.is_none() && next_ping.is_some_and(|at| now >= at) {
                     if ping.send_ping(Ping::opaque()).is_err() {
-                        return;
+                        return false;
                     }
                     next_ping = None;
                     pong_due = Some(now + timers.ping_timeout);

@@ -63,7 +63,10 @@ where
         };
         let request = build_request(&req, peer)?;
         let (response, stream) = match lease.send.send_request(request, empty) {
-            Ok(sent) => sent,
+            Ok(sent) => {
+                lease.sent();
+                sent
+            }
             Err(e) if is_user_error(&e) => {
                 return Err(super::error(
                     ErrorKind::InvalidConfig,
@@ -74,7 +77,7 @@ where
             Err(e) => {
                 // Not sent at all (GOAWAY arrived, or the connection is closing): safe to
                 // send elsewhere whatever the body.
-                lease.mark_draining();
+                lease.mark_draining(e.is_go_away());
                 tracing::debug!(error = %e, "HTTP/2 connection not usable; trying another");
                 last_error = Some(e);
                 retried = true;
@@ -120,7 +123,7 @@ where
             }
             Err(e) if refused(&e) => {
                 if e.is_go_away() {
-                    lease.mark_draining();
+                    lease.mark_draining(true);
                 }
                 if !empty {
                     return Err(stream_error(peer, &e).with_transient());

@@ -89,8 +89,12 @@ struct ConnEntry {
     active: usize,
     /// GOAWAY received (or closing idle): no new streams.
     draining: bool,
-    /// Streams carried so far (for `requests_per_connection`, and "reused").
-    carried: u64,
+    /// Streams handed out so far (a stream after the first is "reused").
+    picks: u64,
+    /// Streams actually sent (for `requests_per_connection`).
+    sent: u64,
+    /// A GOAWAY from the server was counted for this connection.
+    goaway_counted: bool,
     /// Since when it has had no streams; `None` while it has some.
     idle_since: Option<Instant>,
 }
@@ -138,6 +142,18 @@ impl Shared {
                 })
                 .value(),
         )
+    }
+}
+
+/// The connector went: connections still listed close (their drivers see `h2` end them once
+/// the handles here are gone) and leave the gauges now, as the pool's idle ones do.
+impl Drop for H2Key {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        for c in st.conns.drain(..) {
+            self.metrics.connections.decrement(1.0);
+            self.metrics.requests_per_connection.record(c.sent as f64);
+        }
     }
 }
 
@@ -264,13 +280,9 @@ impl KeyState {
         }
         let c = &mut self.conns[best?];
         c.active += 1;
-        c.carried += 1;
+        c.picks += 1;
         c.idle_since = None;
-        let reused = c.carried > 1;
-        // The connection's first stream was counted `new` by the dial.
-        if reused {
-            c.pool_metrics.checkout_reused.increment(1);
-        }
+        let reused = c.picks > 1;
         key.metrics.streams_active.increment(1.0);
         Some(StreamLease {
             key: Arc::clone(key),
@@ -285,23 +297,41 @@ impl KeyState {
         if let Some(i) = self.conns.iter().position(|c| c.id == id) {
             let gone = self.conns.swap_remove(i);
             key.metrics.connections.decrement(1.0);
-            key.metrics
-                .requests_per_connection
-                .record(gone.carried as f64);
+            key.metrics.requests_per_connection.record(gone.sent as f64);
         }
     }
 }
 
 impl StreamLease {
-    /// The server sent GOAWAY on this stream's connection: it takes no new streams.
-    pub(super) fn mark_draining(&self) {
+    /// The stream went out: count it for the connection, and as a `reused` checkout unless
+    /// it is the connection's first (which its dial counted as `new`).
+    pub(super) fn sent(&self) {
         let mut st = self.key.state.lock();
         if let Some(c) = st.conns.iter_mut().find(|c| c.id == self.id) {
-            if !c.draining {
-                c.draining = true;
-                self.key.metrics.goaway.increment(1);
+            c.sent += 1;
+            if self.reused {
+                c.pool_metrics.checkout_reused.increment(1);
             }
         }
+    }
+
+    /// The connection takes no new streams: the server sent GOAWAY (`goaway`), or it is
+    /// closing.
+    pub(super) fn mark_draining(&self, goaway: bool) {
+        let mut st = self.key.state.lock();
+        if let Some(c) = st.conns.iter_mut().find(|c| c.id == self.id) {
+            c.draining = true;
+            if goaway {
+                count_goaway(&self.key, c);
+            }
+        }
+    }
+}
+
+fn count_goaway(key: &H2Key, c: &mut ConnEntry) {
+    if !c.goaway_counted {
+        c.goaway_counted = true;
+        key.metrics.goaway.increment(1);
     }
 }
 
@@ -354,7 +384,9 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
                     pool_metrics: Arc::clone(&ready.pool_metrics),
                     active: 0,
                     draining: false,
-                    carried: 0,
+                    picks: 0,
+                    sent: 0,
+                    goaway_counted: false,
                     idle_since: Some(Instant::now()),
                 });
                 key.metrics.connections.increment(1.0);
@@ -407,9 +439,16 @@ async fn drive(ready: conn::Ready, key: Weak<H2Key>, id: u64, timers: conn::Time
     };
     // Consumes the connection: when this returns the pooled connection has been dropped and
     // its pool slot freed, so waiters woken below can dial with it.
-    conn::run(ready, timers, check_idle).await;
+    let goaway = conn::run(ready, timers, check_idle).await;
     if let Some(key) = key.upgrade() {
-        key.state.lock().retire(&key, id);
+        let mut st = key.state.lock();
+        if goaway {
+            if let Some(c) = st.conns.iter_mut().find(|c| c.id == id) {
+                count_goaway(&key, c);
+            }
+        }
+        st.retire(&key, id);
+        drop(st);
         key.notify.notify_waiters();
     }
 }
