@@ -337,7 +337,7 @@ fn count_goaway(key: &H2Key, c: &mut ConnEntry) {
 
 impl Drop for StreamLease {
     fn drop(&mut self) {
-        {
+        let waiting = {
             let mut st = self.key.state.lock();
             if let Some(c) = st.conns.iter_mut().find(|c| c.id == self.id) {
                 c.active -= 1;
@@ -345,9 +345,14 @@ impl Drop for StreamLease {
                     c.idle_since = Some(Instant::now());
                 }
             }
-        }
+            st.waiting
+        };
         self.key.metrics.streams_active.decrement(1.0);
-        self.key.notify.notify_waiters();
+        // A waiter registers under the lock read above, so with none counted there is
+        // nobody to wake (a later one finds the freed slot in its own pick).
+        if waiting > 0 {
+            self.key.notify.notify_waiters();
+        }
     }
 }
 
