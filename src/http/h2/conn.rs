@@ -28,7 +28,7 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
 /// What a dial produced.
 pub(super) enum Dialled {
-    H2(Ready),
+    H2(Box<Ready>),
     /// The server selected HTTP/1.1 (the offer allowed it): a fresh connection for the pool.
     H1(Connection),
     /// The key reached `max_connections_per_peer` since the dial was decided.
@@ -134,7 +134,7 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
         }
     }
     let server_limit = connection.max_concurrent_send_streams();
-    Ok(Dialled::H2(Ready {
+    Ok(Dialled::H2(Box::new(Ready {
         send,
         connection,
         ping,
@@ -142,7 +142,7 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
         digest,
         pool_metrics,
         idle_timeout,
-    }))
+    })))
 }
 
 fn protocol_error(peer: &Peer, why: String) -> Error {
@@ -158,7 +158,7 @@ fn protocol_error(peer: &Peer, why: String) -> Error {
 /// opens streams can only be the server's GOAWAY (with the handle gone, `h2` ends it
 /// itself, but then the key is gone too and nobody asks).
 pub(super) async fn run(
-    ready: Ready,
+    ready: Box<Ready>,
     timers: Timers,
     mut check_idle: impl FnMut(Instant, Duration) -> Option<Instant>,
 ) -> bool {
@@ -167,7 +167,7 @@ pub(super) async fn run(
         mut connection,
         mut ping,
         ..
-    } = ready;
+    } = *ready;
     // The registry holds the handle new streams are opened with; this one would keep the
     // connection from ever finishing on its own.
     drop(send);

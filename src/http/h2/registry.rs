@@ -423,7 +423,7 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
 ///
 /// Holds the key weakly: when the connector goes, the key and with it the last handle that
 /// opens streams go too, and `h2` then closes the idle connection by itself.
-async fn drive(ready: conn::Ready, key: Weak<H2Key>, id: u64, timers: conn::Timers) {
+async fn drive(ready: Box<conn::Ready>, key: Weak<H2Key>, id: u64, timers: conn::Timers) {
     let check_idle = {
         let key = Weak::clone(&key);
         move |now: Instant, idle: Duration| -> Option<Instant> {
