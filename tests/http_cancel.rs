@@ -296,6 +296,10 @@ async fn an_invalid_authority_is_a_typed_error_and_sends_nothing() {
                 ErrorKind::InvalidConfig,
                 "Host {host:?} over {alpn:?}: {err}"
             );
+            assert!(
+                err.to_string().contains(host),
+                "the error does not name the bad value {host:?}: {err}"
+            );
         }
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -324,8 +328,11 @@ async fn garbage_after_alpn_h2_is_a_typed_error_without_a_hang() {
             "attempt {attempt}: error took {:?}",
             started.elapsed()
         );
-        assert!(!err.to_string().is_empty());
-        assert_ne!(err.kind(), ErrorKind::PoolTimedout, "{err}");
+        assert_eq!(err.kind(), ErrorKind::ProtocolError, "{err}");
+        assert!(
+            !err.retryable(),
+            "a protocol error is not the network's doing: {err}"
+        );
     }
     wait_count(&http, &p, 0, "garbage connections").await;
     assert_eq!(server.stats().answered, 0);
