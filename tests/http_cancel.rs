@@ -259,6 +259,27 @@ async fn leak_phases() {
     let stats = h2.stats();
     assert_eq!(stats.accepted, 1, "{stats:#?}");
 
+    // (i) Every request of a new key cancelled while the shared dial is in progress: the
+    // dial finishes in the background, and the key works afterwards on that connection.
+    let p3 = p2.clone().with_group("cancelled-mid-dial");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (http2, p3) = (http2.clone(), p3.clone());
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_micros(500), http2.send(&p3, get("/")))
+                    .await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let settled = wait_until(STEP, || http2.connector().connection_count_for(&p3) <= 1).await;
+    assert!(settled, "dials cancelled mid-way left extra connections");
+    let (conn, _) = send(&http2, &p3, get("/")).await.unwrap();
+    assert_eq!(h2.stats().accepted, 2, "the shared dial was not shared");
+    assert_eq!(conn, 1);
+
     // Everything closes when the connectors go.
     drop(http);
     drop(http2);

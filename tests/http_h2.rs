@@ -555,3 +555,45 @@ async fn a_connection_the_server_dropped_is_retired_and_replaced() {
     }
     assert_eq!(server.stats().accepted, 2);
 }
+
+/// GOAWAY while streams are in flight: those streams finish on the draining connection,
+/// and a request made after the GOAWAY arrived goes on a new connection, not the draining
+/// one (h2's graceful shutdown still accepts streams until its second GOAWAY, so the server
+/// would have served it on the old connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_connection_finishes_its_streams_and_takes_no_new_ones() {
+    let server = HttpServer::builder()
+        .goaway_after(3)
+        .delay(Duration::from_millis(300))
+        .start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, peer) = (http.clone(), peer.clone());
+            tokio::spawn(async move { send(&http, &peer, get("/")).await })
+        })
+        .collect();
+    server
+        .wait_for(|s| s.conns.first().is_some_and(|c| c.goaway_sent))
+        .await;
+    // Let the GOAWAY reach the client.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(
+        later.conn_id(),
+        1,
+        "a request after GOAWAY went on the draining connection"
+    );
+    for t in slow {
+        let g = t
+            .await
+            .unwrap()
+            .expect("a stream in flight at GOAWAY failed");
+        assert_eq!(g.conn_id(), 0);
+        assert!(!g.retried);
+    }
+    let stats = server.stats();
+    assert_eq!(stats.conns[0].requests, 3, "{stats:#?}");
+    assert_eq!(stats.accepted, 2);
+}
