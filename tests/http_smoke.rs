@@ -182,3 +182,73 @@ async fn a_server_that_selects_http11_is_an_error_for_alpn_h2() {
     );
     assert_eq!(server.stats().requests(), 0);
 }
+
+/// An HTTP/2 server that answers one request, keeps serving for `serve_for`, then stops
+/// reading its connection without closing it (a hung peer: PINGs go unanswered). Returns
+/// its address; the task ends when the test's runtime does.
+async fn hanging_h2_server(serve_for: Duration) -> std::net::SocketAddr {
+    use openssl::ssl::{select_next_proto, AlpnError, Ssl, SslAcceptor, SslMethod};
+    let identity = &TestPki::shared().server;
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).unwrap();
+    b.set_certificate(&identity.cert).unwrap();
+    for c in &identity.intermediates {
+        b.add_extra_chain_cert(c.clone()).unwrap();
+    }
+    b.set_private_key(&identity.key).unwrap();
+    b.set_alpn_select_callback(|_, client| {
+        select_next_proto(b"\x02h2", client).ok_or(AlpnError::NOACK)
+    });
+    let ctx = b.build().into_context();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        )))
+        .unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tokio_openssl::SslStream::new(Ssl::new(&ctx).unwrap(), tcp).unwrap();
+        std::pin::Pin::new(&mut tls).accept().await.unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let serving = async {
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                let response = http::Response::new(());
+                respond.send_response(response, true).unwrap();
+            }
+        };
+        let _ = tokio::time::timeout(serve_for, serving).await;
+        // Hold the connection open, unpolled.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(conn);
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_ping_closes_the_connection() {
+    let addr = hanging_h2_server(Duration::from_millis(50)).await;
+    let http = http_with(|o| {
+        o.h2_ping_interval = Some(Duration::from_millis(30));
+        o.h2_ping_timeout = Duration::from_millis(100);
+    });
+    let p = Peer::tls(addr, "localhost")
+        .with_ca(TestPki::shared().ca_a())
+        .with_alpn(Alpn::H2);
+    assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, false));
+    assert_eq!(http.connector().connection_count_for(&p), 1);
+    // The server stops answering after 50 ms; a PING goes unanswered for 100 ms and the
+    // connection is closed (the server never closes it).
+    let started = Instant::now();
+    assert!(
+        wait_until(STEP, || http.connector().connection_count_for(&p) == 0).await,
+        "a connection whose PINGs go unanswered was kept"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "closed after {:?}, before the server stopped answering",
+        started.elapsed()
+    );
+}

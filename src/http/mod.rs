@@ -243,6 +243,27 @@ mod tests {
         is_body::<ResponseBody>();
     }
 
+    /// `send`'s future can be spawned whatever the body, as long as the body is `Send`
+    /// (it need not be `Sync`).
+    #[allow(dead_code)]
+    fn send_future_is_send(http: &HttpConnector, peer: &Peer) {
+        struct SendOnly(std::cell::Cell<bool>);
+        impl http_body::Body for SendOnly {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+                self.0.set(true);
+                std::task::Poll::Ready(None)
+            }
+        }
+        fn is_send<T: Send>(_: &T) {}
+        let future = http.send(peer, Request::new(SendOnly(std::cell::Cell::new(false))));
+        is_send(&future);
+    }
+
     #[test]
     fn alpn_offers() {
         assert!(offers_h2(b"\x02h2\x08http/1.1"));

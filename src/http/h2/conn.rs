@@ -134,6 +134,15 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
         }
     }
     let server_limit = connection.max_concurrent_send_streams();
+    if server_limit == 0 {
+        // A connection that may carry no stream would only make the waiters dial again.
+        return Err(Error::new(
+            ErrorKind::UpstreamIo,
+            "the server allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS = 0)",
+        )
+        .with_peer(peer.describe())
+        .with_transient());
+    }
     Ok(Dialled::H2(Box::new(Ready {
         send,
         connection,

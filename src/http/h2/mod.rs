@@ -68,15 +68,17 @@ where
                 sent
             }
             Err(e) if is_user_error(&e) => {
+                lease.unsent();
                 return Err(super::error(
                     ErrorKind::InvalidConfig,
                     peer,
                     format!("HTTP/2 refused the request: {e}"),
-                ))
+                ));
             }
             Err(e) => {
                 // Not sent at all (GOAWAY arrived, or the connection is closing): safe to
                 // send elsewhere whatever the body.
+                lease.unsent();
                 lease.mark_draining(e.is_go_away());
                 tracing::debug!(error = %e, "HTTP/2 connection not usable; trying another");
                 last_error = Some(e);
