@@ -285,6 +285,32 @@ async fn a_body_dropped_after_its_first_chunk_is_not_pooled() {
     assert_eq!(server.stats().accepted, 2);
 }
 
+/// `Connection: close` with the close itself 300 ms later: the header alone must keep the
+/// connection out of the pool (the pool's own closed-connection check cannot see it yet).
+#[tokio::test]
+async fn connection_close_header_alone_keeps_the_connection_out_of_the_pool() {
+    let server = h1_server();
+    let http = http_with(|_| {});
+    let peer = peer(&server);
+    let (parts, body) = send(&http, &peer, get("/close-late")).await.unwrap();
+    assert_eq!(header(&parts, "connection"), "close");
+    assert_default_body(&body, 0, 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        http.connector().idle_count_for(&peer),
+        0,
+        "a connection answered with `Connection: close` was pooled"
+    );
+    let (_, body) = send(&http, &peer, get("/")).await.unwrap();
+    assert_default_body(&body, 1, 1);
+    let stats = server.stats();
+    assert!(
+        !stats.conns[0].closed,
+        "the server closed too early for this test"
+    );
+    assert_eq!(stats.accepted, 2);
+}
+
 #[tokio::test]
 async fn connection_close_from_the_server_is_not_pooled() {
     let server = h1_server();

@@ -486,3 +486,114 @@ async fn alpn_selects_the_protocol() {
     assert_eq!(stats.accepted, 1);
     assert_eq!(stats.conns[0].alpn.as_deref(), Some(&b"http/1.1"[..]));
 }
+
+/// A server that stops answering (PINGs included) without closing: the PING keepalive
+/// notices, the connection leaves the pool, and the next request gets a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_keepalive_retires_a_connection_whose_server_hung() {
+    let server = HttpServer::builder().h2_freeze_after(1).start();
+    let http = http_with(|o| {
+        o.h2_ping_interval = Some(Duration::from_millis(100));
+        o.h2_ping_timeout = Duration::from_millis(200);
+    });
+    let peer = peer(&server, Alpn::H2);
+    let g = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(g.conn_id(), 0);
+    server.wait_for(|s| s.conns[0].frozen).await;
+    let started = Instant::now();
+    let gone = wait_until(Duration::from_secs(3), || {
+        http.connector().connection_count_for(&peer) == 0
+    })
+    .await;
+    assert!(
+        gone,
+        "a connection whose server stopped answering PINGs is still counted after {:?}",
+        started.elapsed()
+    );
+    let g = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(g.conn_id(), 1);
+    assert_eq!(server.stats().accepted, 2);
+}
+
+/// An HTTP/2 connection with no open stream closes after the peer's idle timeout; the
+/// server sees it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_closes_after_the_idle_timeout() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2).with_idle_timeout(Duration::from_millis(200));
+    let started = Instant::now();
+    send(&http, &peer, get("/")).await.unwrap();
+    server.wait_for(|s| s.conns[0].closed).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(190),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(wait_until(STEP, || http.connector().connection_count_for(&peer) == 0).await);
+    let g = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(g.conn_id(), 1);
+}
+
+/// The server drops the connection (bare FIN, no GOAWAY): it leaves the pool and the next
+/// request goes on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_server_dropped_is_retired_and_replaced() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    send(&http, &peer, get("/")).await.unwrap();
+    server.close_connections();
+    let gone = wait_until(Duration::from_secs(2), || {
+        http.connector().connection_count_for(&peer) == 0
+    })
+    .await;
+    assert!(gone, "a closed HTTP/2 connection is still counted");
+    for n in 1..=3 {
+        let g = send(&http, &peer, get("/")).await.unwrap();
+        assert_eq!((g.conn_id(), g.header("x-req-n")), (1, &*n.to_string()));
+    }
+    assert_eq!(server.stats().accepted, 2);
+}
+
+/// GOAWAY while streams are in flight: those streams finish on the draining connection,
+/// and a request made after the GOAWAY arrived goes on a new connection, not the draining
+/// one (h2's graceful shutdown still accepts streams until its second GOAWAY, so the server
+/// would have served it on the old connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_connection_finishes_its_streams_and_takes_no_new_ones() {
+    let server = HttpServer::builder()
+        .goaway_after(3)
+        .delay(Duration::from_millis(300))
+        .start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, peer) = (http.clone(), peer.clone());
+            tokio::spawn(async move { send(&http, &peer, get("/")).await })
+        })
+        .collect();
+    server
+        .wait_for(|s| s.conns.first().is_some_and(|c| c.goaway_sent))
+        .await;
+    // Let the GOAWAY reach the client.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(
+        later.conn_id(),
+        1,
+        "a request after GOAWAY went on the draining connection"
+    );
+    for t in slow {
+        let g = t
+            .await
+            .unwrap()
+            .expect("a stream in flight at GOAWAY failed");
+        assert_eq!(g.conn_id(), 0);
+        assert!(!g.retried);
+    }
+    let stats = server.stats();
+    assert_eq!(stats.conns[0].requests, 3, "{stats:#?}");
+    assert_eq!(stats.accepted, 2);
+}
