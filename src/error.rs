@@ -26,12 +26,27 @@ pub enum ErrorKind {
     TlsHandshakeTimedout,
     /// The server's certificate failed verification: untrusted chain, expired, wrong host.
     InvalidCert,
-    /// A setting supplied by the caller is unusable: bad PEM, unknown curve, bad SNI, ...
+    /// A setting supplied by the caller is unusable: bad PEM, unknown curve, bad SNI, ...;
+    /// also an HTTP request that cannot be sent as given (`upstream_pool::http`: no usable
+    /// authority, `CONNECT`, framing headers that contradict the body), before anything
+    /// was sent.
     InvalidConfig,
     /// `get` waited `wait_timeout` at the per-peer connection cap without getting a slot.
     PoolTimedout,
     /// A bug or an OpenSSL failure that is not the peer's fault.
     Internal,
+    /// The upstream broke the HTTP protocol: a malformed response head or chunk, a response
+    /// head or header count over the limit, an HTTP/2 protocol error, garbage after ALPN
+    /// selected `h2`, or a server that did not select `h2` for a peer that requires it.
+    ProtocolError,
+    /// The upstream connection failed or closed after it was established, while the request
+    /// was sent or the response read (reset, EOF mid-response, HTTP/2 stream reset or a
+    /// stream the server refused). [`Error::retryable`] says whether the request may be sent
+    /// again.
+    UpstreamIo,
+    /// The caller's request body returned an error; the request was abandoned (the HTTP/1.1
+    /// connection closed, the HTTP/2 stream reset).
+    RequestBody,
 }
 
 impl ErrorKind {
@@ -47,11 +62,14 @@ impl ErrorKind {
             ErrorKind::InvalidConfig => "invalid_config",
             ErrorKind::PoolTimedout => "pool_timedout",
             ErrorKind::Internal => "internal",
+            ErrorKind::ProtocolError => "protocol_error",
+            ErrorKind::UpstreamIo => "upstream_io",
+            ErrorKind::RequestBody => "request_body",
         }
     }
 
     /// Every kind, in declaration order (for tests and dashboards).
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectTimedout,
         ErrorKind::ConnectError,
@@ -61,6 +79,9 @@ impl ErrorKind {
         ErrorKind::InvalidConfig,
         ErrorKind::PoolTimedout,
         ErrorKind::Internal,
+        ErrorKind::ProtocolError,
+        ErrorKind::UpstreamIo,
+        ErrorKind::RequestBody,
     ];
 }
 
@@ -129,6 +150,19 @@ impl Error {
     pub(crate) fn with_transient(mut self) -> Self {
         self.inner.transient = true;
         self
+    }
+
+    /// A copy for another waiter on the same failure (HTTP/2 requests that shared one dial).
+    pub(crate) fn duplicate(&self) -> Error {
+        Error {
+            inner: Box::new(Inner {
+                kind: self.inner.kind,
+                context: self.inner.context.clone(),
+                peer: self.inner.peer.clone(),
+                reused: self.inner.reused,
+                transient: self.inner.transient,
+            }),
+        }
     }
 
     /// What kind of failure this is.
@@ -202,6 +236,9 @@ impl fmt::Display for Error {
             ErrorKind::InvalidConfig => "invalid config",
             ErrorKind::PoolTimedout => "pool wait timed out",
             ErrorKind::Internal => "internal error",
+            ErrorKind::ProtocolError => "upstream protocol error",
+            ErrorKind::UpstreamIo => "upstream i/o error",
+            ErrorKind::RequestBody => "request body error",
         };
         write!(f, "{what}")?;
         if let Some(peer) = &self.inner.peer {

@@ -235,6 +235,28 @@ impl Pool {
         }
     }
 
+    /// Takes a slot for a new dial without looking at the idle list (a retry that must not
+    /// land on another connection that sat idle, an HTTP/2 connection, which is never
+    /// pooled). At `max_connections_per_peer` it queues like `checkout` when `queue`, else
+    /// returns `None`. Not on the hit path: `checkout` is untouched by it.
+    pub(crate) fn reserve_dial(
+        self: &Arc<Self>,
+        key: &PeerKey,
+        peer: &Peer,
+        queue: bool,
+    ) -> Option<Checkout> {
+        self.ensure_reaper();
+        // The map shard's lock is held while the slot is taken (see the module docs).
+        match self.keys.get(key) {
+            Some(key_pool) => key_pool.reserve_locked(self.limits.max_connections_per_peer, queue),
+            None => self
+                .keys
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                .reserve_locked(self.limits.max_connections_per_peer, queue),
+        }
+    }
+
     fn new_key_pool(&self, peer: &Peer) -> KeyPool {
         KeyPool {
             description: peer.describe(),
@@ -552,6 +574,23 @@ impl KeyPool {
             state.total += 1;
             return (Checkout::Dial(Slot::taken(Arc::clone(self))), expired);
         }
+        (self.enqueue_waiter_locked(&mut state), expired)
+    }
+
+    /// Under this key's lock: take a slot, else queue (when `queue`), never an idle one.
+    fn reserve_locked(self: &Arc<Self>, cap: Option<usize>, queue: bool) -> Option<Checkout> {
+        let mut state = self.state.lock();
+        // A use like any checkout: keeps the key (its stats, `min_idle`) alive.
+        state.last_used = Some(Tick::now());
+        if cap.is_none_or(|cap| state.total < cap) {
+            state.total += 1;
+            return Some(Checkout::Dial(Slot::taken(Arc::clone(self))));
+        }
+        queue.then(|| self.enqueue_waiter_locked(&mut state))
+    }
+
+    /// Under this key's lock: joins the FIFO of tasks waiting at the connection cap.
+    fn enqueue_waiter_locked(self: &Arc<Self>, state: &mut KeyState) -> Checkout {
         // Waiters that gave up would otherwise pile up while nothing is released.
         if state.waiters.len() >= state.prune_waiters_at {
             state.waiters.retain(|w| !w.is_closed());
@@ -559,7 +598,7 @@ impl KeyPool {
         }
         let (tx, rx) = oneshot::channel();
         state.waiters.push_back(tx);
-        (Checkout::Wait(rx, Arc::clone(self)), expired)
+        Checkout::Wait(rx, Arc::clone(self))
     }
 
     /// Whether the key can be forgotten: no connections, no waiters, and no use within its
