@@ -259,7 +259,6 @@ impl Connector {
         conn.mark_checked_out(true);
         let key_pool = &conn.inner.lease.key_pool;
         key_pool.metrics.checkout_reused.increment(1);
-        KeyStats::bump(&key_pool.stats.checkouts_reused);
         Ok(conn)
     }
 
