@@ -445,7 +445,8 @@ impl Connector {
     /// upstream did not ask to close. The connection goes to the oldest task waiting for this
     /// peer, else into the idle pool; it is closed instead when it has unread bytes, was
     /// closed by the upstream, reached `max_uses` or `max_lifetime`, when the pool for its peer
-    /// is full (the oldest idle one is closed), or when it belongs to another connector.
+    /// is full (the oldest idle one is closed), when its peer was evicted (`evict`,
+    /// `evict_all`) since it was dialled, or when it belongs to another connector.
     pub fn release(&self, conn: Connection) {
         if !self.inner.pool.owns(&conn) {
             tracing::debug!(

@@ -277,7 +277,7 @@ impl Pool {
         let missing = target
             .saturating_sub(state.idle.len() + state.warming)
             .min(room_total);
-        key_pool.take_warm_slots(&mut *state, missing, self.limits.max_connections_per_peer)
+        key_pool.take_warm_slots(&mut state, missing, self.limits.max_connections_per_peer)
     }
 
     /// Closes every idle connection of `key` and makes the ones in use (and dials in
@@ -501,7 +501,7 @@ impl Pool {
                 missing = missing.min(1usize.saturating_sub(state.warming));
             }
             let slots = key_pool.take_warm_slots(
-                &mut *state,
+                &mut state,
                 missing.min(budget),
                 self.limits.max_connections_per_peer,
             );
