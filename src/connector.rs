@@ -625,3 +625,25 @@ fn jittered(max: Duration, jitter: f64) -> Duration {
     let unit = (bits >> 11) as f64 / (1u64 << 53) as f64;
     max.mul_f64(1.0 - jitter * unit)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_shortens_by_at_most_the_fraction_and_spreads() {
+        let max = Duration::from_secs(100);
+        assert_eq!(jittered(max, 0.0), max);
+        let draws: Vec<Duration> = (0..1000).map(|_| jittered(max, 0.2)).collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d <= max && *d >= Duration::from_secs(80)));
+        let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        // 1,000 uniform draws over 20 s: the extremes lie within a few hundred ms of the ends.
+        assert!(
+            *lo < Duration::from_secs(81) && *hi > Duration::from_secs(99),
+            "{lo:?}..{hi:?}"
+        );
+        assert!(jittered(max, 1.0) <= max);
+    }
+}

@@ -237,6 +237,42 @@ async fn min_idle_stops_when_the_key_is_not_used_for_its_idle_timeout() {
 }
 
 #[tokio::test]
+async fn min_idle_stays_within_max_connections_per_peer_and_never_makes_get_wait() {
+    let server = TestServer::start(Behaviour::Http);
+    let peer = tls_peer(server.addr()).with_min_idle(3);
+    let c = connector(|o| {
+        o.max_connections_per_peer = Some(2);
+        o.reap_interval = Duration::from_millis(20);
+        o.wait_timeout = Duration::from_millis(200);
+    });
+    let held = c.get(&peer).await.unwrap();
+    // One slot left: the top-up takes it, and no more.
+    assert!(wait_until(Duration::from_secs(1), || c.idle_count_for(&peer) == 1).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.connection_count_for(&peer), 2);
+    let stats = server.wait_for(|s| s.handshakes == 2).await;
+    assert_eq!(stats.accepted, 2, "the cap bounds the top-up");
+
+    // At the cap, a third get waits (and is counted as waiting) until one is released.
+    let mut taken = c.get(&peer).await.unwrap();
+    assert!(taken.reused());
+    exchange(&mut taken).await;
+    let waiter = tokio::spawn({
+        let (c, peer) = (c.clone(), peer.clone());
+        async move { c.get(&peer).await.map(|conn| conn.reused()) }
+    });
+    assert!(wait_until(Duration::from_secs(1), || c.stats_for(&peer).waiting == 1).await);
+    c.release(taken);
+    assert!(
+        waiter.await.unwrap().unwrap(),
+        "the waiter got the released connection"
+    );
+    assert_eq!(c.stats_for(&peer).waiting, 0);
+    assert_eq!(server.stats().accepted, 2);
+    drop(held);
+}
+
+#[tokio::test]
 async fn stats_count_what_the_server_saw_per_key() {
     let server = TestServer::start(Behaviour::Http);
     let peer = tls_peer(server.addr());
