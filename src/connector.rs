@@ -553,7 +553,8 @@ impl Connector {
     /// Returns how many idle connections were closed.
     ///
     /// Connections in use, and dials in progress, are closed when released instead of pooled
-    /// (counted in `PeerStats::evicted` then); the next dial authenticates in full. Metrics
+    /// (counted in `PeerStats::evicted` then); the next dial authenticates in full (unless a
+    /// handshake already in flight during the call caches its new session first). Metrics
     /// count each as `upstream_pool_evictions_total{reason="evicted"}`.
     pub fn evict(&self, peer: &Peer) -> usize {
         let Ok(key) = peer.key() else {
