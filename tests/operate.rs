@@ -178,6 +178,20 @@ async fn min_idle_tops_up_after_first_use_and_after_checkouts_without_runaway() 
 }
 
 #[tokio::test]
+async fn min_idle_counts_a_released_first_connection() {
+    let server = TestServer::start(Behaviour::Http);
+    let peer = tls_peer(server.addr()).with_min_idle(3);
+    let c = connector(|_| {}); // the default 250 ms reaper interval
+    let mut conn = c.get(&peer).await.unwrap();
+    exchange(&mut conn).await;
+    c.release(conn);
+    assert!(wait_until(Duration::from_secs(1), || c.idle_count_for(&peer) == 3).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(c.idle_count_for(&peer), 3);
+    assert_eq!(server.stats().accepted, 3, "1 used + 2 topped up");
+}
+
+#[tokio::test]
 async fn min_idle_backs_off_against_a_refused_port_and_a_resetting_server() {
     let c = connector(|o| o.reap_interval = Duration::from_millis(10));
     // Refused: attempts are counted by the connector (nothing listens).
