@@ -79,8 +79,9 @@ pub struct ConnectorOptions {
     /// Add a `peer` label (the peer's name, else its address) to every metric. Defaults to
     /// `false`: one series per upstream can be too many for large fleets.
     pub metrics_peer_label: bool,
-    /// How often the background reaper looks for expired or closed idle connections.
-    /// Defaults to 250 ms, so a closed connection leaves the pool well within a second.
+    /// How often the background reaper looks for expired or closed idle connections, and tops
+    /// keys up to their `Peer::with_min_idle`. Defaults to 250 ms, so a closed connection
+    /// leaves the pool, and a `min_idle` key is topped up, well within a second.
     pub reap_interval: Duration,
 }
 
