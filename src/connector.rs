@@ -98,8 +98,9 @@ pub struct ConnectorOptions {
     /// Add a `peer` label (the peer's name, else its address) to every metric. Defaults to
     /// `false`: one series per upstream can be too many for large fleets.
     pub metrics_peer_label: bool,
-    /// How often the background reaper looks for expired or closed idle connections.
-    /// Defaults to 250 ms, so a closed connection leaves the pool well within a second.
+    /// How often the background reaper looks for expired or closed idle connections, and tops
+    /// keys up to their `Peer::with_min_idle`. Defaults to 250 ms, so a closed connection
+    /// leaves the pool, and a `min_idle` key is topped up, well within a second.
     /// Values above one hour count as one hour (idle connections are still checked at every
     /// checkout; the reaper also forgets keys nobody uses).
     pub reap_interval: Duration,
@@ -357,7 +358,6 @@ impl Connector {
         conn.mark_checked_out(true);
         let key_pool = &conn.inner.lease.key_pool;
         key_pool.metrics.checkout_reused.increment(1);
-        KeyStats::bump(&key_pool.stats.checkouts_reused);
         Ok(conn)
     }
 
@@ -553,7 +553,8 @@ impl Connector {
     /// upstream did not ask to close. The connection goes to the oldest task waiting for this
     /// peer, else into the idle pool; it is closed instead when it has unread bytes, was
     /// closed by the upstream, reached `max_uses` or `max_lifetime`, when the pool for its peer
-    /// is full (the oldest idle one is closed), or when it belongs to another connector.
+    /// is full (the oldest idle one is closed), when its peer was evicted (`evict`,
+    /// `evict_all`) since it was dialled, or when it belongs to another connector.
     pub fn release(&self, conn: Connection) {
         if !self.inner.pool.owns(&conn) {
             tracing::debug!(
@@ -660,7 +661,8 @@ impl Connector {
     /// Returns how many idle connections were closed.
     ///
     /// Connections in use, and dials in progress, are closed when released instead of pooled
-    /// (counted in `PeerStats::evicted` then); the next dial authenticates in full. Metrics
+    /// (counted in `PeerStats::evicted` then); the next dial authenticates in full (unless a
+    /// handshake already in flight during the call caches its new session first). Metrics
     /// count each as `upstream_pool_evictions_total{reason="evicted"}`.
     pub fn evict(&self, peer: &Peer) -> usize {
         let Ok(key) = peer.key() else {
@@ -731,4 +733,26 @@ fn jittered(max: Duration, jitter: f64) -> Duration {
     // The top 53 bits as a fraction in [0, 1).
     let unit = (bits >> 11) as f64 / (1u64 << 53) as f64;
     max.mul_f64(1.0 - jitter * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_shortens_by_at_most_the_fraction_and_spreads() {
+        let max = Duration::from_secs(100);
+        assert_eq!(jittered(max, 0.0), max);
+        let draws: Vec<Duration> = (0..1000).map(|_| jittered(max, 0.2)).collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d <= max && *d >= Duration::from_secs(80)));
+        let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        // 1,000 uniform draws over 20 s: the extremes lie within a few hundred ms of the ends.
+        assert!(
+            *lo < Duration::from_secs(81) && *hi > Duration::from_secs(99),
+            "{lo:?}..{hi:?}"
+        );
+        assert!(jittered(max, 1.0) <= max);
+    }
 }

@@ -2,8 +2,9 @@
 //!
 //! The `metrics` facade is for scraping; these counters answer "how many connections do I
 //! have to this upstream and how often are they reused" from inside the process. They live in
-//! the key's pool entry as relaxed atomics outside its lock, so counting costs the hit path
-//! one uncontended add on a cache line it already touches.
+//! the key's pool entry: the hit path's one count (a reused checkout) is a plain add under
+//! the key's lock it already holds; the rest (dials, handshakes, errors, evictions) are
+//! relaxed atomics outside the lock.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -47,10 +48,22 @@ pub struct PeerStats {
     pub evicted: u64,
 }
 
-/// The all-time counters of one key, bumped where the event happens.
+/// What `KeyStats::snapshot` needs from under the key's lock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Live {
+    pub(crate) idle: usize,
+    /// Slots: dialling + in use + idle.
+    pub(crate) total: usize,
+    pub(crate) waiting: usize,
+    /// Reused checkouts, counted under the lock the hit path holds anyway (an atomic add
+    /// outside it measured a few ns on a 150 ns hit).
+    pub(crate) reused: u64,
+}
+
+/// The all-time counters of one key, bumped where the event happens (reused checkouts are
+/// counted in the key's locked state instead, see [`Live::reused`]).
 #[derive(Debug, Default)]
 pub(crate) struct KeyStats {
-    pub(crate) checkouts_reused: AtomicU64,
     pub(crate) checkouts_new: AtomicU64,
     pub(crate) handshakes_full: AtomicU64,
     pub(crate) handshakes_resumed: AtomicU64,
@@ -66,17 +79,20 @@ impl KeyStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The counters, with the live counts filled in by the caller.
-    pub(crate) fn snapshot(&self, idle: usize, total: usize, waiting: usize) -> PeerStats {
+    /// The counters, with what the caller read under the key's lock.
+    pub(crate) fn snapshot(&self, live: Live) -> PeerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let connecting = self.connecting.load(Ordering::Relaxed);
         PeerStats {
-            idle,
+            idle: live.idle,
             // `total` counts dials, connections in use and idle ones.
-            in_use: total.saturating_sub(idle).saturating_sub(connecting),
+            in_use: live
+                .total
+                .saturating_sub(live.idle)
+                .saturating_sub(connecting),
             connecting,
-            waiting,
-            checkouts_reused: get(&self.checkouts_reused),
+            waiting: live.waiting,
+            checkouts_reused: live.reused,
             checkouts_new: get(&self.checkouts_new),
             handshakes_full: get(&self.handshakes_full),
             handshakes_resumed: get(&self.handshakes_resumed),

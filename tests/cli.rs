@@ -179,6 +179,80 @@ async fn bench_with_resume_off_does_only_full_handshakes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_preconnect_warms_the_pool_before_the_clock_and_reports_peer_stats() {
+    let pki = TestPki::shared();
+    let server = TestServer::builder().start();
+    let dir = TempDir::new("cli-preconnect").unwrap();
+    let ca = write_cert(&dir, "root-a.pem", &pki.root_a);
+    let target = server.addr().to_string();
+    let out = run(&[
+        "bench",
+        "--target",
+        &target,
+        "--sni",
+        "localhost",
+        "--ca",
+        &ca,
+        "--preconnect",
+        "8",
+        "-c",
+        "4",
+        "--requests",
+        "200",
+        "--json",
+    ])
+    .await;
+    assert_code(&out, 0, "bench --preconnect 8 --json");
+    let v = json(&out);
+    assert_eq!(v["requests"], 200, "{v}");
+    assert_eq!(v["preconnect"]["idle"], 8, "{v}");
+    let before = v["preconnect"]["handshakes_full"].as_u64().unwrap()
+        + v["preconnect"]["handshakes_resumed"].as_u64().unwrap();
+    assert_eq!(before, 8, "{v}");
+    // Every request went on a preconnected connection: no handshake during the run.
+    assert_eq!(v["connections_opened"], 0, "{v}");
+    assert_eq!(v["handshakes"]["full"], 0, "{v}");
+    assert_eq!(v["handshakes"]["resumed"], 0, "{v}");
+    // The server saw the preflight connection and the eight preconnected ones, no more.
+    let stats = server.wait_for(|s| s.requests >= 200).await;
+    assert_eq!(stats.accepted, 9, "{stats:#?}");
+    assert_eq!(stats.requests, 200);
+
+    let peers = v["peer_stats"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{v}");
+    let p = &peers[0];
+    assert!(p["peer"].as_str().unwrap().contains(&target), "{v}");
+    assert_eq!(p["checkouts_reused"], 200, "{v}");
+    assert_eq!(p["checkouts_new"], 0, "{v}");
+    assert_eq!(p["idle"], 8, "{v}");
+    assert_eq!(p["in_use"], 0, "{v}");
+    assert_eq!(p["connect_errors"], 0, "{v}");
+
+    let out = run(&[
+        "bench",
+        "--target",
+        &target,
+        "--sni",
+        "localhost",
+        "--ca",
+        &ca,
+        "--preconnect",
+        "2",
+        "-c",
+        "1",
+        "--requests",
+        "5",
+    ])
+    .await;
+    assert_code(&out, 0, "bench --preconnect 2");
+    let text = stdout(&out);
+    assert!(
+        text.contains("preconnect   2 idle before the clock"),
+        "preconnect line missing from:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_text_summary_stops_after_requests() {
     let out = run(&["bench", "--requests", "300", "--concurrency", "4"]).await;
     assert_code(&out, 0, "bench --requests");

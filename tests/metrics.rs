@@ -463,6 +463,7 @@ fn every_metric_counts_exactly_the_events_it_describes() {
         ("capacity", 0),
         ("max_lifetime", 0),
         ("max_uses", 0),
+        ("evicted", 0),
     ] {
         assert_eq!(
             r.counter(EVICTIONS_TOTAL, &[("reason", reason)]),
@@ -702,6 +703,27 @@ fn pool_timeout_records_the_wait_and_the_error() {
         1
     );
     assert_eq!(r.counter(CHECKOUTS_TOTAL, &[("outcome", "new")]), 1);
+    assert_eq!(r.gauge(ACTIVE_CONNECTIONS, &[]), 0.0);
+    assert_eq!(r.gauge(IDLE_CONNECTIONS, &[]), 0.0);
+}
+
+#[test]
+fn evict_counts_reason_evicted_for_idle_and_in_use_connections() {
+    let recorder = DebuggingRecorder::new();
+    let mut recorded = Recorded::new(&recorder);
+    with_recorder(&recorder, || async {
+        let server = TestServer::builder().start();
+        let connector = Connector::new(ConnectorOptions::default()).unwrap();
+        let peer = Peer::tls(server.addr(), "localhost").with_ca(pki().ca_a());
+        assert_eq!(connector.preconnect(&peer, 2).await.unwrap(), 2);
+        let held = connector.get(&peer).await.unwrap();
+        assert_eq!(connector.evict(&peer), 1);
+        connector.release(held);
+        server.wait_for(|s| s.accepted == 2 && s.open == 0).await;
+    });
+    let r = recorded.refresh();
+    assert_eq!(r.counter(EVICTIONS_TOTAL, &[("reason", "evicted")]), 2);
+    assert_eq!(r.counter(CHECKOUTS_TOTAL, &[("outcome", "reused")]), 1);
     assert_eq!(r.gauge(ACTIVE_CONNECTIONS, &[]), 0.0);
     assert_eq!(r.gauge(IDLE_CONNECTIONS, &[]), 0.0);
 }

@@ -73,6 +73,11 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub(crate) json: bool,
 
+    /// Warm the pool with this many idle connections (`Connector::preconnect`) before the
+    /// clock starts; the summary counts their handshakes apart from the run's. Defaults to 0.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub(crate) preconnect: u32,
+
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9000) while running.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<SocketAddr>,

@@ -10,7 +10,7 @@ use upstream_pool::{Connector, ConnectorOptions, Peer};
 use super::args::BenchArgs;
 use super::embedded_server::EmbeddedServer;
 use super::load::{self, Plan};
-use super::report::{self, Comparison, RunInfo};
+use super::report::{self, Comparison, RunInfo, Warmed};
 use super::stats::RunStats;
 use super::target::{connect_first, Target, TlsSettings};
 use super::{write_stdout, CliError};
@@ -106,8 +106,10 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
 
     let mut results: Vec<(RunInfo, RunStats)> = Vec::with_capacity(modes.len());
     for mode in modes {
+        let connector = connector(mode, args.concurrency, args.preconnect)?;
+        let warm = preconnect(&connector, &upstream.peer, args.preconnect).await?;
         let plan = Plan {
-            connector: connector(mode, args.concurrency)?,
+            connector: connector.clone(),
             peer: upstream.peer.clone(),
             host: upstream.host.clone(),
             reuse: mode.reuse,
@@ -123,11 +125,14 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
             resume: mode.resume,
             elapsed: Duration::ZERO,
             interrupted: false,
+            warm,
+            peer_stats: Vec::new(),
         };
         let outcome = load::run(plan, info_mode.mode(), interrupt.clone(), args.json).await;
         let info = RunInfo {
             elapsed: outcome.elapsed,
             interrupted: outcome.interrupted,
+            peer_stats: connector.stats(),
             ..info_mode
         };
         results.push((info, outcome.stats));
@@ -173,11 +178,33 @@ fn print_results(args: &BenchArgs, results: &[(RunInfo, RunStats)]) -> Result<()
     write_stdout(&out)
 }
 
+/// Dials `n` idle connections before the clock starts; their handshakes are counted here,
+/// apart from the run's (the run hands them out as pooled connections).
+async fn preconnect(connector: &Connector, peer: &Peer, n: u32) -> Result<Warmed, CliError> {
+    if n == 0 {
+        return Ok(Warmed::default());
+    }
+    let idle = connector
+        .preconnect(peer, n as usize)
+        .await
+        .map_err(|e| CliError::Failed(format!("preconnect failed: {e}")))?;
+    let stats = connector.stats_for(peer);
+    Ok(Warmed {
+        idle,
+        full_handshakes: stats.handshakes_full,
+        resumed_handshakes: stats.handshakes_resumed,
+    })
+}
+
 /// A connector for one run: its own pool and session cache, so runs do not warm each other.
-fn connector(mode: Mode, concurrency: u32) -> Result<Connector, CliError> {
+fn connector(mode: Mode, concurrency: u32, preconnect: u32) -> Result<Connector, CliError> {
     let mut options = ConnectorOptions::default();
-    // Room for every worker's connection; the default could close some on release.
-    options.max_idle_per_peer = options.max_idle_per_peer.max(concurrency as usize);
+    // Room for every worker's connection (and every preconnected one); the default could
+    // close some on release.
+    options.max_idle_per_peer = options
+        .max_idle_per_peer
+        .max(concurrency as usize)
+        .max(preconnect as usize);
     if !mode.resume {
         options.session_cache_size = 0;
     }

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use upstream_pool::PeerStats;
 
 use super::stats::RunStats;
 
@@ -26,6 +27,20 @@ pub(crate) struct RunInfo {
     pub(crate) elapsed: Duration,
     /// Stopped early by Ctrl-C.
     pub(crate) interrupted: bool,
+    /// `--preconnect`: what was warmed before the clock started.
+    pub(crate) warm: Warmed,
+    /// The connector's per-key stats at the end of the run.
+    pub(crate) peer_stats: Vec<(String, PeerStats)>,
+}
+
+/// What `--preconnect` did before the clock started.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Warmed {
+    /// Idle connections when the clock started.
+    pub(crate) idle: usize,
+    /// Handshakes of the preconnect dials.
+    pub(crate) full_handshakes: u64,
+    pub(crate) resumed_handshakes: u64,
 }
 
 impl RunInfo {
@@ -160,6 +175,18 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
             .join(", ")
     };
     let _ = writeln!(out, "  errors       {errors}");
+    if info.warm.idle > 0 {
+        let _ = writeln!(
+            out,
+            "  preconnect   {} idle before the clock: {} full, {} resumed handshakes before \
+             the run, {} full, {} resumed during it",
+            info.warm.idle,
+            info.warm.full_handshakes,
+            info.warm.resumed_handshakes,
+            stats.full_handshakes.count,
+            stats.resumed_handshakes.count,
+        );
+    }
     out
 }
 
@@ -225,6 +252,29 @@ pub(crate) fn json(info: &RunInfo, stats: &RunStats) -> Value {
             "resumed_mean_us": stats.resumed_handshakes.mean_us(),
         },
         "tls": negotiated,
+        "preconnect": {
+            "idle": info.warm.idle,
+            "handshakes_full": info.warm.full_handshakes,
+            "handshakes_resumed": info.warm.resumed_handshakes,
+        },
+        "peer_stats": info.peer_stats.iter().map(|(peer, s)| peer_stats_json(peer, s)).collect::<Vec<_>>(),
+    })
+}
+
+/// One key's `PeerStats`, as `Connector::stats` reports it.
+fn peer_stats_json(peer: &str, s: &PeerStats) -> Value {
+    json!({
+        "peer": peer,
+        "idle": s.idle,
+        "in_use": s.in_use,
+        "connecting": s.connecting,
+        "waiting": s.waiting,
+        "checkouts_reused": s.checkouts_reused,
+        "checkouts_new": s.checkouts_new,
+        "handshakes_full": s.handshakes_full,
+        "handshakes_resumed": s.handshakes_resumed,
+        "connect_errors": s.connect_errors,
+        "evicted": s.evicted,
     })
 }
 

@@ -1,5 +1,5 @@
 //! The pool's one background task: evicts idle connections that expired or that the upstream
-//! closed, even for keys nobody asks for.
+//! closed, even for keys nobody asks for, and tops keys up to their `min_idle`.
 //!
 //! One task per pool, not one per idle connection: each pass walks the idle lists and asks
 //! every connection's socket for readiness the reactor already recorded, which costs no
@@ -28,7 +28,11 @@ pub(super) fn spawn(pool: Weak<Pool>, interval: Duration) -> bool {
     let running = Running(pool.clone());
     runtime.spawn(async move {
         let _running = running;
-        let mut ticker = tokio::time::interval(interval);
+        // First pass one interval after the start, not at once: the reaper starts at a key's
+        // first checkout, and an immediate pass would top up `min_idle` while that checkout's
+        // own dial is still in flight, leaving one idle connection more than asked for once
+        // it is released.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
