@@ -421,3 +421,30 @@ async fn http11_interim_responses_trailers_and_bad_heads() {
         "plain"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_response_before_the_upload_ends_is_returned() {
+    use http_body_util::channel::Channel;
+    // The scripted server answers as soon as it has a request head, as a server refusing
+    // an upload (401, 413) does.
+    let (addr, _) = scripted_h1_server().await;
+    let http = http_with(|_| {});
+    let p = Peer::tcp(addr);
+    let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+    tx.send_data(Bytes::from_static(b"first piece"))
+        .await
+        .unwrap();
+    let request = http::Request::post("/upload").body(body).unwrap();
+    // The body never ends while the response is awaited.
+    let response = tokio::time::timeout(STEP, http.send(&p, request))
+        .await
+        .expect("waited for the rest of the upload instead of reading the response")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"plain");
+    // Half a request went out: the connection is never pooled.
+    assert_eq!(http.connector().idle_count_for(&p), 0);
+    assert_eq!(http.connector().connection_count_for(&p), 0);
+    drop(tx);
+}
