@@ -38,7 +38,8 @@
 //! `Connector::release` itself; a response without a body (HEAD, 204, 304, length 0) does so
 //! before `send` returns. A body dropped before its end, a body error, or a body delimited
 //! by the connection's end closes the connection instead: a connection with an unread
-//! response is never handed to another request.
+//! response is never handed to another request. Nor is one whose request body was cut short
+//! because the server answered first (a 401 or 413 to an upload, which `send` returns).
 //!
 //! **Retries.** A request that fails on a *reused* connection before any response byte was
 //! read (the upstream closed it while it sat idle) is sent once more on a freshly dialled
