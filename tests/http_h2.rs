@@ -597,3 +597,55 @@ async fn a_draining_connection_finishes_its_streams_and_takes_no_new_ones() {
     assert_eq!(stats.conns[0].requests, 3, "{stats:#?}");
     assert_eq!(stats.accepted, 2);
 }
+
+/// The default `max_h2_streams` (100) applies when the server sets no limit: 150 concurrent
+/// slow requests need a second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_stream_cap_is_100_per_connection() {
+    let server = HttpServer::builder()
+        .delay(Duration::from_millis(200))
+        .start();
+    let http = http_with(|_| {});
+    assert_eq!(http.connector().options().max_h2_streams, 100);
+    let peer = peer(&server, Alpn::H2);
+    all_ok(concurrent(&http, &peer, 150, "/").await);
+    let stats = server.wait_for(|s| s.answered == 150).await;
+    assert!(stats.max_in_flight() <= 100, "{stats:#?}");
+    assert!(
+        (2..=3).contains(&stats.accepted),
+        "150 streams at 100 per connection: {stats:#?}"
+    );
+}
+
+/// `Alpn::H2H1` to a server that picks HTTP/1.1: concurrent first requests (which wait for
+/// one dial to learn the protocol) all fall back to HTTP/1.1 and succeed, each on its own
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_fall_back_to_http11_together() {
+    let server = HttpServer::builder()
+        .h1_only()
+        .delay(Duration::from_millis(50))
+        .start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2H1);
+    let got = all_ok(concurrent(&http, &peer, 10, "/").await);
+    for g in &got {
+        assert_eq!(g.parts.version, http::Version::HTTP_11);
+        assert_eq!(g.header("x-proto"), "http/1.1");
+    }
+    let mut conns: Vec<usize> = got.iter().map(Got::conn_id).collect();
+    conns.sort_unstable();
+    conns.dedup();
+    assert_eq!(
+        conns.len(),
+        10,
+        "two HTTP/1.1 exchanges shared a connection at once"
+    );
+    let stats = server.stats();
+    assert_eq!(stats.accepted, 10, "{stats:#?}");
+    assert!(stats.conns.iter().all(|c| c.proto == Some(Proto::H1)));
+    // All ten are pooled after their bodies, and reused.
+    assert!(wait_until(STEP, || http.connector().idle_count_for(&peer) == 10).await);
+    let g = send(&http, &peer, get("/")).await.unwrap();
+    assert!(g.reused);
+}
