@@ -252,3 +252,48 @@ async fn an_unanswered_ping_closes_the_connection() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_request_body_is_a_request_body_error() {
+    use http_body_util::channel::Channel;
+    for (server, alpn) in [
+        (HttpServer::builder().start(), Alpn::H2),
+        (HttpServer::builder().h1_only().start(), Alpn::H1),
+    ] {
+        let http = http_with(|_| {});
+        let p = peer(&server, alpn.clone());
+        let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+        let request = http::Request::post("/upload").body(body).unwrap();
+        let sending = tokio::spawn({
+            let (http, p) = (http.clone(), p.clone());
+            async move { http.send(&p, request).await }
+        });
+        tx.send_data(Bytes::from_static(b"first piece"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.abort(std::io::Error::other("the client went away"));
+        let err = tokio::time::timeout(STEP, sending)
+            .await
+            .expect("hung")
+            .unwrap()
+            .expect_err("a request whose body failed succeeded");
+        assert_eq!(err.kind(), ErrorKind::RequestBody, "{alpn:?}: {err}");
+        assert!(err.to_string().contains("went away"), "{err}");
+        // The server saw the request abandoned: the HTTP/2 stream reset, the HTTP/1.1
+        // connection closed (never pooled with half a request on it).
+        match alpn {
+            Alpn::H2 => {
+                server.wait_for(|s| s.resets() == 1).await;
+                assert_eq!(http.connector().connection_count_for(&p), 1);
+            }
+            _ => {
+                server.wait_for(|s| s.open == 0).await;
+                assert_eq!(http.connector().connection_count_for(&p), 0);
+            }
+        }
+        // The next request goes through.
+        fetch(&http, &p).await;
+        assert_eq!(server.stats().answered, 1, "{alpn:?}");
+    }
+}
