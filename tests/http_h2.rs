@@ -649,3 +649,94 @@ async fn concurrent_first_requests_fall_back_to_http11_together() {
     let g = send(&http, &peer, get("/")).await.unwrap();
     assert!(g.reused);
 }
+
+/// Many large responses at once on one connection: flow control (per stream and for the
+/// connection) is released as bodies are read, so all of them complete intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_bodies_on_one_connection_arrive_intact() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    send(&http, &peer, get("/")).await.unwrap();
+    let size = 512 * 1024;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, peer) = (http.clone(), peer.clone());
+            tokio::spawn(async move {
+                let req = http::Request::get("/big")
+                    .header("x-body-size", size)
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                send(&http, &peer, req).await
+            })
+        })
+        .collect();
+    let expected = pattern(size);
+    for t in tasks {
+        let g = t.await.unwrap().unwrap();
+        assert_eq!(g.conn_id(), 0);
+        assert!(g.body == expected, "a body was damaged");
+    }
+    assert_eq!(server.stats().accepted, 1);
+}
+
+/// A response whose body nobody reads must not stall the other streams of its connection
+/// (a slow client of a proxy would otherwise block every request sharing the connection):
+/// its unread data may not hold the connection's flow-control window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_body_does_not_block_other_streams() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    let big = http::Request::get("/big")
+        .header("x-body-size", 4 * 1024 * 1024)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let held = tokio::time::timeout(STEP, http.send(&peer, big))
+        .await
+        .unwrap()
+        .unwrap();
+    for n in 0..3 {
+        let req = http::Request::get("/big")
+            .header("x-body-size", 256 * 1024)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let g = send(&http, &peer, req)
+            .await
+            .unwrap_or_else(|e| panic!("request {n} behind an unread body failed: {e}"));
+        assert_eq!(g.conn_id(), 0);
+        assert_eq!(g.body.len(), 256 * 1024);
+    }
+    let body = tokio::time::timeout(STEP, held.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert!(body == pattern(4 * 1024 * 1024), "held body damaged");
+}
+
+/// An absolute URI gives the `:authority` and an origin `:path`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authority_and_path_from_an_absolute_uri() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    let g = send(&http, &peer, get("https://api.example:8443/x?y=1"))
+        .await
+        .unwrap();
+    assert_eq!(g.header("x-authority"), "api.example:8443");
+    let g = send(
+        &http,
+        &peer,
+        http::Request::get("/z")
+            .header("host", "other.example")
+            .body(Empty::<Bytes>::new())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(g.header("x-authority"), "other.example");
+    let stats = server.stats();
+    let paths: Vec<&str> = stats.log.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/x?y=1", "/z"]);
+}
