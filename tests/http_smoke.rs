@@ -297,3 +297,127 @@ async fn a_failing_request_body_is_a_request_body_error() {
         assert_eq!(server.stats().answered, 1, "{alpn:?}");
     }
 }
+
+/// A plaintext HTTP/1.1 server that answers each request with a canned byte string chosen
+/// by its path (see `canned`), keeping the connection open. Returns its address and a
+/// counter of accepted connections.
+async fn scripted_h1_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        )))
+        .unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        if tcp.write_all(&canned(&path)).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+fn canned(path: &str) -> Vec<u8> {
+    match path {
+        "/interim" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        "/trailers" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n2\r\nok\r\n0\r\nx-sum: 42\r\n\r\n".to_vec(),
+        "/upgrade" => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n".to_vec(),
+        "/garbage" => b"HELLO THERE\r\n\r\n".to_vec(),
+        "/many-headers" => {
+            let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n".to_vec();
+            for i in 0..200 {
+                r.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+            }
+            r.extend_from_slice(b"\r\n");
+            r
+        }
+        "/leftover" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n".to_vec(),
+        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain".to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_interim_responses_trailers_and_bad_heads() {
+    use std::sync::atomic::Ordering;
+    let (addr, accepted) = scripted_h1_server().await;
+    let http = http_with(|_| {});
+    let p = Peer::tcp(addr);
+    let send = |path: &'static str| {
+        let (http, p) = (http.clone(), p.clone());
+        async move {
+            let req = http::Request::get(path)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            tokio::time::timeout(STEP, http.send(&p, req))
+                .await
+                .expect("hung")
+        }
+    };
+
+    // 100 and 103 precede the final response; the connection is pooled after it.
+    let response = send("/interim").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(http.connector().idle_count_for(&p), 1);
+
+    // Trailers of a chunked body come through as a trailers frame; pooled again, same
+    // connection.
+    let response = send("/trailers").await.unwrap();
+    assert!(response.extensions().get::<UpstreamInfo>().unwrap().reused);
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-sum"], "42");
+    assert_eq!(&collected.to_bytes()[..], b"ok");
+    assert_eq!(http.connector().idle_count_for(&p), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Bytes beyond the response: the body is right, the connection is not pooled.
+    let response = send("/leftover").await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(http.connector().idle_count_for(&p), 0);
+
+    // Typed errors, and the connection is closed, never pooled.
+    for path in ["/upgrade", "/garbage", "/many-headers"] {
+        let err = send(path).await.expect_err(path);
+        assert_eq!(err.kind(), ErrorKind::ProtocolError, "{path}: {err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        assert_eq!(http.connector().idle_count_for(&p), 0, "{path}");
+        assert_eq!(http.connector().connection_count_for(&p), 0, "{path}");
+    }
+    // One connection for the first three exchanges (closed for its leftover bytes), then one
+    // per failed case: each failure cost its connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    let response = send("/").await.unwrap();
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "plain"
+    );
+}

@@ -63,10 +63,11 @@
 //! `Connection` counts as in use for its whole life and is never pooled idle.
 //!
 //! **GOAWAY.** A connection that received GOAWAY takes no new streams; its streams in flight
-//! finish and it closes when they are done. A request the server did not process (refused
-//! with REFUSED_STREAM, above GOAWAY's last stream id, or not sent because GOAWAY had
-//! arrived) is sent again on another connection when its body is empty; otherwise the error
-//! is `UpstreamIo` with `retryable()` true.
+//! finish and it closes when they are done. A request that never went out because GOAWAY
+//! had arrived is sent on another connection whatever its body (nothing of it was read); one
+//! the server did not process (REFUSED_STREAM, or above GOAWAY's last stream id) is sent
+//! again when its body is empty, else the error is `UpstreamIo` with `retryable()` true. Up
+//! to 4 attempts per request.
 //!
 //! # Timeouts and cancellation
 //! Peers have no read or write timeout, so none applies; wrap `send` or the body's polling in

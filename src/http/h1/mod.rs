@@ -43,6 +43,23 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let conn = connector.get(peer).await?;
+    if conn
+        .digest()
+        .is_some_and(|d| d.alpn.as_deref() == Some(b"h2"))
+    {
+        // An `Alpn::H2H1` key learnt HTTP/1.1, but its server selects `h2` now (its
+        // configuration changed): speaking HTTP/1.1 here would be garbage to it.
+        if let Ok(key) = peer.key() {
+            connector.http_shared().forget_protocol(key);
+        }
+        return Err(super::error(
+            ErrorKind::ProtocolError,
+            peer,
+            "the server selected h2 on a connection meant for HTTP/1.1; the protocol will be \
+             learnt again",
+        )
+        .with_transient());
+    }
     let replay = req.replayable().then(|| req.clone());
     let body = (!req.replayable()).then(|| Box::pin(body));
     let failed = match exchange(connector, conn, req, body, false).await {
