@@ -448,3 +448,25 @@ async fn an_http11_response_before_the_upload_ends_is_returned() {
     assert_eq!(http.connector().connection_count_for(&p), 0);
     drop(tx);
 }
+
+#[test]
+fn unusable_http_options_are_invalid_config() {
+    let cases: [(&str, fn(&mut ConnectorOptions)); 3] = [
+        ("max_h2_streams", |o| o.max_h2_streams = 0),
+        ("h2_ping_interval", |o| {
+            o.h2_ping_interval = Some(Duration::ZERO)
+        }),
+        ("h2_ping_timeout", |o| o.h2_ping_timeout = Duration::ZERO),
+    ];
+    for (name, break_it) in cases {
+        let mut options = ConnectorOptions::default();
+        break_it(&mut options);
+        let err = Connector::new(options).expect_err(name);
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{name}: {err}");
+        assert!(err.to_string().contains(name), "{name}: {err}");
+    }
+    let defaults = ConnectorOptions::default();
+    assert_eq!(defaults.max_h2_streams, 100);
+    assert_eq!(defaults.h2_ping_interval, None);
+    assert_eq!(defaults.h2_ping_timeout, Duration::from_secs(20));
+}
