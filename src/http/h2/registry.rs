@@ -161,6 +161,19 @@ impl Drop for H2Key {
     }
 }
 
+impl Shared {
+    /// Forgets that `key` speaks HTTP/1.1 (its server now selects `h2`): the next request
+    /// finds out again.
+    pub(crate) fn forget_protocol(&self, key: &PeerKey) {
+        if let Some(k) = self.keys.get(key) {
+            let mut st = k.state.lock();
+            if st.learnt == Learnt::H1 {
+                st.learnt = Learnt::Unknown;
+            }
+        }
+    }
+}
+
 /// Counts a request among the key's waiters while it waits.
 struct Waiting<'a>(&'a H2Key);
 
