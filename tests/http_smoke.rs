@@ -449,9 +449,12 @@ async fn an_http11_response_before_the_upload_ends_is_returned() {
     drop(tx);
 }
 
+/// An option's name and a change that makes it unusable.
+type BreakOption = (&'static str, fn(&mut ConnectorOptions));
+
 #[test]
 fn unusable_http_options_are_invalid_config() {
-    let cases: [(&str, fn(&mut ConnectorOptions)); 3] = [
+    let cases: [BreakOption; 3] = [
         ("max_h2_streams", |o| o.max_h2_streams = 0),
         ("h2_ping_interval", |o| {
             o.h2_ping_interval = Some(Duration::ZERO)
