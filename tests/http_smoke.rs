@@ -489,8 +489,14 @@ async fn an_h2_connection_past_max_lifetime_takes_no_new_streams_and_closes() {
     assert_eq!(stats.conns[0].requests, 2);
     assert!(stats.conns[0].closed, "{stats:#?}");
     assert_eq!(http.connector().connection_count_for(&p), 1);
-    // A huge lifetime is "never", not an overflow.
-    let http = http_with(|o| o.max_lifetime = Some(Duration::MAX));
+    // Huge durations everywhere are "never", not an overflow panic.
+    let http = http_with(|o| {
+        o.max_lifetime = Some(Duration::MAX);
+        o.wait_timeout = Duration::MAX;
+        o.h2_ping_interval = Some(Duration::MAX);
+        o.h2_ping_timeout = Duration::MAX;
+    });
+    let p = p.with_idle_timeout(Duration::MAX);
     assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, false));
     assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, true));
 }

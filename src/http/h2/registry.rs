@@ -9,8 +9,9 @@
 //! pool never calls back into this module.
 //!
 //! A connection's states, from one field each: *ready* (`!draining`, in `conns`), *draining*
-//! (GOAWAY received or idle-closed: `draining`, takes no new streams), *gone* (its driver
-//! ended: removed from `conns`).
+//! (GOAWAY received, past `max_lifetime`, or closing idle: `draining`, takes no new streams,
+//! retired when its last stream ends), *gone* (retired or its driver ended: removed from
+//! `conns`).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -253,7 +254,7 @@ pub(crate) async fn acquire(
             // Waiting for a dial is bounded by the dial's own timeouts; waiting at the cap
             // (nothing dialling) by `wait_timeout`, counted from the first time.
             if st.dialing == 0 && deadline.is_none() {
-                deadline = Some(Instant::now() + options.wait_timeout);
+                deadline = Some(conn::later(Instant::now(), options.wait_timeout));
             }
             // Registered before the lock is released, so no wake-up can be missed.
             notified.as_mut().enable();
@@ -496,14 +497,14 @@ async fn drive(ready: Box<conn::Ready>, key: Weak<H2Key>, id: u64, timers: conn:
             let mut st = key.state.lock();
             let c = st.conns.iter_mut().find(|c| c.id == id)?;
             match c.idle_since {
-                Some(since) if now >= since + idle => {
+                Some(since) if now >= conn::later(since, idle) => {
                     // Closing: no stream may start on it from here on.
                     c.draining = true;
                     st.retire(&key, id);
                     None
                 }
-                Some(since) => Some(since + idle),
-                None => Some(now + idle),
+                Some(since) => Some(conn::later(since, idle)),
+                None => Some(conn::later(now, idle)),
             }
         }
     };
