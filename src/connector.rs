@@ -658,25 +658,32 @@ impl Connector {
 
     /// Closes every idle connection of `peer`'s exact key and forgets its cached TLS session,
     /// for an upstream removed from configuration or one that rotated its certificate.
-    /// Returns how many idle connections were closed.
+    /// Returns how many idle connections were closed: pooled ones, and HTTP/2 connections of
+    /// [`crate::http::HttpConnector`] that carried no stream.
     ///
     /// Connections in use, and dials in progress, are closed when released instead of pooled
     /// (counted in `PeerStats::evicted` then); the next dial authenticates in full (unless a
     /// handshake already in flight during the call caches its new session first). Metrics
     /// count each as `upstream_pool_evictions_total{reason="evicted"}`.
+    ///
+    /// The key's HTTP/2 connections are retired: from the call on they take no new stream,
+    /// their streams in flight finish undisturbed, and each closes after its last stream
+    /// (counted in `PeerStats::evicted` at the call); an HTTP/2 dial in progress is closed
+    /// when it finishes. The next request dials a new connection. The protocol an
+    /// `Alpn::H2H1` key learnt is forgotten too, and learnt again by the next request.
     pub fn evict(&self, peer: &Peer) -> usize {
         let Ok(key) = peer.key() else {
             return 0;
         };
         self.inner.tls.forget_session(key);
-        self.inner.pool.evict(key)
+        self.inner.http.evict(key) + self.inner.pool.evict(key)
     }
 
-    /// [`Connector::evict`] for every key, and forgets every cached TLS session. Returns how
-    /// many idle connections were closed. Cost: O(keys).
+    /// [`Connector::evict`] for every key (HTTP/2 connections included), and forgets every
+    /// cached TLS session. Returns how many idle connections were closed. Cost: O(keys).
     pub fn evict_all(&self) -> usize {
         self.inner.tls.forget_all_sessions();
-        self.inner.pool.evict_all()
+        self.inner.http.evict_all() + self.inner.pool.evict_all()
     }
 }
 

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use crate::connector::Connector;
 use crate::error::{Error, ErrorKind, Result};
 use crate::http::Offer;
-use crate::metrics::PeerMetrics;
 use crate::peer::Peer;
+use crate::pool::KeyPool;
 use crate::stream::{Connection, SslDigest};
 
 /// Per-stream receive window. hyper's client uses 2 MiB (h2's default, 64 KiB, caps one
@@ -43,7 +43,8 @@ pub(super) struct Ready {
     /// The server's SETTINGS_MAX_CONCURRENT_STREAMS (`usize::MAX` when it set none).
     pub(super) server_limit: usize,
     pub(super) digest: Option<Arc<SslDigest>>,
-    pub(super) pool_metrics: Arc<PeerMetrics>,
+    /// The pool key's entry, for its metrics and stats.
+    pub(super) key_pool: Arc<KeyPool>,
     /// The peer's idle timeout, else the connector's.
     pub(super) idle_timeout: Duration,
 }
@@ -88,7 +89,7 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
         ));
     }
     let digest = conn.digest_arc();
-    let pool_metrics = Arc::clone(&conn.inner.lease.key_pool.metrics);
+    let key_pool = Arc::clone(&conn.inner.lease.key_pool);
     let idle_timeout = conn.inner.lease.idle_timeout;
     let settings = peer.settings();
     let budget = settings
@@ -149,7 +150,7 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
         ping,
         server_limit,
         digest,
-        pool_metrics,
+        key_pool,
         idle_timeout,
     })))
 }

