@@ -24,16 +24,23 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 pub struct PeerStats {
     /// Idle connections in the pool now.
     pub idle: usize,
-    /// Connections handed out and not yet released or dropped, now.
+    /// Connections handed out and not yet released or dropped, now. A live HTTP/2
+    /// connection of [`crate::http::HttpConnector`] counts as one in use for its whole life,
+    /// however many streams it carries (none included): it is never pooled idle.
     pub in_use: usize,
     /// Dials in progress now (for `get`, `preconnect` or the `min_idle` top-up).
     pub connecting: usize,
     /// `get` calls waiting at `max_connections_per_peer` now.
     pub waiting: usize,
     /// `get` calls answered with a pooled connection (including ones handed over by a
-    /// release while waiting, and preconnected ones).
+    /// release while waiting, and preconnected ones), and HTTP/2 requests sent as a stream
+    /// on a connection that had carried one before (as the
+    /// `upstream_pool_checkouts_total{outcome="reused"}` metric counts them).
     pub checkouts_reused: u64,
-    /// `get` calls answered with a connection dialled for them.
+    /// `get` calls answered with a connection dialled for them, including the HTTP layer's
+    /// dials: an HTTP/2 connection counts once here (for its first stream), and the first
+    /// `Alpn::H2H1` request that finds HTTP/1.1 counts once here and not again in
+    /// `checkouts_reused`.
     pub checkouts_new: u64,
     /// TLS handshakes that authenticated the upstream in full (any dial: `get`, `preconnect`,
     /// `min_idle`).
@@ -69,6 +76,10 @@ pub(crate) struct KeyStats {
     pub(crate) handshakes_resumed: AtomicU64,
     pub(crate) connect_errors: AtomicU64,
     pub(crate) evicted: AtomicU64,
+    /// HTTP/2 streams sent on a connection that had carried one before: reused checkouts of
+    /// the HTTP layer, added to `checkouts_reused` (the connection's first stream is the
+    /// `new` checkout its dial counted).
+    pub(crate) streams_reused: AtomicU64,
     /// Dials in progress; the slot count alone cannot tell them from connections in use.
     pub(crate) connecting: AtomicUsize,
 }
@@ -92,7 +103,7 @@ impl KeyStats {
                 .saturating_sub(connecting),
             connecting,
             waiting: live.waiting,
-            checkouts_reused: live.reused,
+            checkouts_reused: live.reused.saturating_add(get(&self.streams_reused)),
             checkouts_new: get(&self.checkouts_new),
             handshakes_full: get(&self.handshakes_full),
             handshakes_resumed: get(&self.handshakes_resumed),

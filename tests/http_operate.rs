@@ -129,3 +129,46 @@ async fn evict_retires_http2_connections() {
     assert_eq!((after.conn_id, after.resumed), (2, false));
     assert_eq!(connector.stats_for(&peer).evicted, 2);
 }
+
+/// `PeerStats` counts HTTP/2 requests as the checkout metric does: the connection's first
+/// stream is its dial's `new` checkout, each later stream a `reused` one; the live connection
+/// is one connection in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_http2_streams_as_checkouts() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    for i in 0..5 {
+        let g = send(&http, &peer, get("/")).await.unwrap();
+        assert_eq!((g.conn_id, g.reused), (0, i > 0));
+    }
+    let stats = server.stats();
+    assert_eq!((stats.accepted, stats.requests()), (1, 5));
+    let s = http.connector().stats_for(&peer);
+    assert_eq!((s.checkouts_new, s.checkouts_reused), (1, 4), "{s:?}");
+    assert_eq!((s.in_use, s.idle, s.connecting), (1, 0, 0), "{s:?}");
+}
+
+/// The first `Alpn::H2H1` request to a server that selects HTTP/1.1 is one `new` checkout on
+/// the connection its dial made (not `new` + `reused`), and later requests reuse that
+/// connection from the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_h2h1_request_that_finds_http1_is_one_checkout() {
+    let server = HttpServer::builder().h1_only().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2H1);
+
+    let first = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(first.version, http::Version::HTTP_11);
+    assert_eq!((first.conn_id, first.reused), (0, false));
+    let s = http.connector().stats_for(&peer);
+    assert_eq!((s.checkouts_new, s.checkouts_reused), (1, 0), "{s:?}");
+
+    let second = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!((second.conn_id, second.reused), (0, true));
+    let stats = server.stats();
+    assert_eq!((stats.accepted, stats.requests()), (1, 2));
+    let s = http.connector().stats_for(&peer);
+    assert_eq!((s.checkouts_new, s.checkouts_reused), (1, 1), "{s:?}");
+    assert_eq!((s.idle, s.in_use), (1, 0), "{s:?}");
+}

@@ -155,8 +155,8 @@ impl HttpConnector {
             Offer::H2 | Offer::Either => {
                 match h2::send(&self.connector, peer, key, prepared, body).await? {
                     h2::Sent::Response(response) => Ok(response),
-                    h2::Sent::UseH1(prepared, body) => {
-                        h1::send(&self.connector, peer, prepared, body).await
+                    h2::Sent::UseH1(prepared, body, conn) => {
+                        h1::send_on(&self.connector, peer, prepared, body, conn).await
                     }
                 }
             }

@@ -42,7 +42,27 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = connector.get(peer).await?;
+    send_on(connector, peer, req, body, None).await
+}
+
+/// [`send`], on `conn` when given: a connection just dialled for this request (the
+/// `Alpn::H2H1` dial that found out the server speaks HTTP/1.1), already counted as a `new`
+/// checkout; otherwise one from `Connector::get`.
+pub(crate) async fn send_on<B>(
+    connector: &Connector,
+    peer: &Peer,
+    req: Prepared,
+    body: B,
+    conn: Option<Connection>,
+) -> Result<Response<ResponseBody>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = match conn {
+        Some(conn) => conn,
+        None => connector.get(peer).await?,
+    };
     if conn
         .digest()
         .is_some_and(|d| d.alpn.as_deref() == Some(b"h2"))

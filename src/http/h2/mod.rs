@@ -33,7 +33,8 @@ const MAX_ATTEMPTS: usize = 4;
 pub(crate) enum Sent<B> {
     Response(Response<ResponseBody>),
     /// The server chose HTTP/1.1 for this key; nothing was sent.
-    UseH1(Prepared, B),
+    /// With the connection the dial that learnt it made, when this request may use it.
+    UseH1(Prepared, B, Option<crate::stream::Connection>),
 }
 
 /// Sends `req` as a stream on one of the key's connections.
@@ -56,8 +57,8 @@ where
     for _ in 0..MAX_ATTEMPTS {
         let mut lease = match registry::acquire(connector, peer, key, offer).await? {
             Acquired::Stream(lease) => lease,
-            Acquired::UseH1 => match body.take() {
-                Some(body) => return Ok(Sent::UseH1(req, body)),
+            Acquired::UseH1(conn) => match body.take() {
+                Some(body) => return Ok(Sent::UseH1(req, body, conn)),
                 None => return Err(Error::internal("request body already sent")),
             },
         };

@@ -31,7 +31,7 @@ use crate::metrics::{EvictionReason, HttpMetrics};
 use crate::peer::Peer;
 use crate::pool::KeyPool;
 use crate::stats::KeyStats;
-use crate::stream::SslDigest;
+use crate::stream::{Connection, SslDigest};
 
 /// The HTTP layer's state of one connector: per key, its protocol and HTTP/2 connections.
 ///
@@ -83,6 +83,11 @@ struct KeyState {
     failures: u64,
     last_error: Option<Error>,
     next_id: u64,
+    /// The connection of the dial that found out the key speaks HTTP/1.1, for one of the
+    /// requests that waited for that dial: it was dialled for them (and counted as a `new`
+    /// checkout), so it is used as such rather than pooled and checked out again (which
+    /// would count one request twice). Pooled when the last waiter leaves without it.
+    h1_conn: Option<Connection>,
     /// Bumped by `Connector::evict`: a dial that started under an older epoch does not join
     /// `conns` (its connection is closed, as the pool closes such a dial's at release).
     epoch: u64,
@@ -126,7 +131,8 @@ pub(crate) struct StreamLease {
 pub(crate) enum Acquired {
     Stream(StreamLease),
     /// The key speaks HTTP/1.1 (its server chose it over `h2`).
-    UseH1,
+    /// With the connection the dial that learnt it made, for the first request to take it.
+    UseH1(Option<Connection>),
 }
 
 impl Shared {
@@ -149,6 +155,7 @@ impl Shared {
                             last_error: None,
                             next_id: 0,
                             epoch: 0,
+                            h1_conn: None,
                         }),
                         notify: Notify::new(),
                         metrics: HttpMetrics::new(peer_label.then(|| peer.name())),
@@ -207,18 +214,25 @@ impl Shared {
 
 impl H2Key {
     fn evict(&self) -> usize {
-        let closed = {
+        let (closed, unclaimed) = {
             let mut st = self.state.lock();
             st.epoch += 1;
             st.learnt = Learnt::Unknown;
+            let unclaimed = st.h1_conn.take();
             for c in st.conns.iter_mut().filter(|c| !c.draining) {
                 c.draining = true;
                 count_evicted(&c.key_pool);
             }
             let before = st.conns.len();
             st.retire_drained(self);
-            before - st.conns.len()
+            (before - st.conns.len(), unclaimed)
         };
+        // A fresh HTTP/1.1 connection not yet taken by its request: closed (outside the
+        // lock), as the pool closes a dial in progress at release.
+        if let Some(conn) = unclaimed {
+            count_evicted(&conn.inner.lease.key_pool);
+            drop(conn);
+        }
         // Waiters counting on these connections must dial new ones.
         self.notify.notify_waiters();
         closed
@@ -232,11 +246,23 @@ fn count_evicted(key_pool: &KeyPool) {
 }
 
 /// Counts a request among the key's waiters while it waits.
-struct Waiting<'a>(&'a H2Key);
+struct Waiting<'a>(&'a H2Key, &'a Connector);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.state.lock().waiting -= 1;
+        let unclaimed = {
+            let mut st = self.0.state.lock();
+            st.waiting -= 1;
+            if st.waiting == 0 {
+                st.h1_conn.take()
+            } else {
+                None
+            }
+        };
+        // Nobody is left to use it: an idle connection for the next request.
+        if let Some(conn) = unclaimed {
+            self.1.release(conn);
+        }
     }
 }
 
@@ -271,7 +297,7 @@ pub(crate) async fn acquire(
         {
             let mut st = h2key.state.lock();
             if st.learnt == Learnt::H1 && offer == Offer::Either {
-                return Ok(Acquired::UseH1);
+                return Ok(Acquired::UseH1(st.h1_conn.take()));
             }
             if let Some(lease) = st.pick(&h2key, max_streams) {
                 return Ok(Acquired::Stream(lease));
@@ -302,7 +328,7 @@ pub(crate) async fn acquire(
             }
             if waiting.is_none() {
                 st.waiting += 1;
-                waiting = Some(Waiting(&h2key));
+                waiting = Some(Waiting(&h2key, connector));
             }
             // Waiting for a dial is bounded by the dial's own timeouts; waiting at the cap
             // (nothing dialling) by `wait_timeout`, counted from the first time.
@@ -415,6 +441,7 @@ impl StreamLease {
     pub(super) fn sent(&self) {
         if self.reused {
             self.key_pool.metrics.checkout_reused.increment(1);
+            KeyStats::bump(&self.key_pool.stats.streams_reused);
         }
     }
 
@@ -532,15 +559,23 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
             tokio::spawn(drive(ready, Arc::downgrade(&key), id, timers));
         }
         Ok(Dialled::H1(pooled)) => {
-            {
+            let unclaimed = {
                 let mut st = key.state.lock();
                 // After an eviction the protocol is learnt again; the connection itself is
                 // closed by the pool at release (its lease's epoch is stale too).
                 if st.epoch == epoch {
                     st.learnt = Learnt::H1;
                 }
+                if st.epoch == epoch && st.waiting > 0 && st.h1_conn.is_none() {
+                    st.h1_conn = Some(pooled);
+                    None
+                } else {
+                    Some(pooled)
+                }
+            };
+            if let Some(conn) = unclaimed {
+                connector.release(conn);
             }
-            connector.release(pooled);
         }
         Ok(Dialled::AtCap) => {}
         Err(e) => {
