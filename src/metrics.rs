@@ -105,6 +105,9 @@ pub(crate) struct HttpMetrics {
     pub(crate) connections: Gauge,
     pub(crate) goaway: Counter,
     pub(crate) requests_per_connection: Histogram,
+    /// `upstream_pool_wait_duration_seconds`, the same series as the pool's: HTTP/2 requests
+    /// waiting at `max_connections_per_peer` for a stream or a connection slot.
+    pub(crate) wait: Histogram,
 }
 
 impl HttpMetrics {
@@ -114,7 +117,8 @@ impl HttpMetrics {
             streams_active: gauge!(H2_STREAMS_ACTIVE, base.clone()),
             connections: gauge!(H2_CONNECTIONS, base.clone()),
             goaway: counter!(H2_GOAWAY_TOTAL, base.clone()),
-            requests_per_connection: histogram!(HTTP_REQUESTS_PER_CONNECTION, base),
+            requests_per_connection: histogram!(HTTP_REQUESTS_PER_CONNECTION, base.clone()),
+            wait: histogram!(WAIT_DURATION, base),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use upstream_pool::http::{HttpConnector, UpstreamInfo};
-use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, Peer};
+use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, ErrorKind, Peer};
 
 use support::certs::TestPki;
 use support::h2_server::HttpServer;
@@ -171,4 +171,72 @@ async fn first_h2h1_request_that_finds_http1_is_one_checkout() {
     let s = http.connector().stats_for(&peer);
     assert_eq!((s.checkouts_new, s.checkouts_reused), (1, 1), "{s:?}");
     assert_eq!((s.idle, s.in_use), (1, 0), "{s:?}");
+}
+
+/// An HTTP/2 request that waits at `max_connections_per_peer` for a stream and gives up with
+/// `PoolTimedout` is counted as `get`'s are: `upstream_connect_errors_total{kind=
+/// "pool_timedout"}` and a sample of `upstream_pool_wait_duration_seconds`.
+#[test]
+fn http2_pool_timeouts_are_counted_and_their_waits_recorded() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let server = HttpServer::builder().max_concurrent_streams(1).start();
+            let http = http_with(|o| {
+                o.max_connections_per_peer = Some(1);
+                o.wait_timeout = Duration::from_millis(100);
+            });
+            let peer = peer(&server, Alpn::H2);
+            let slow = {
+                let (http, peer) = (http.clone(), peer.clone());
+                tokio::spawn(async move { send(&http, &peer, slow_get(800)).await })
+            };
+            server.wait_for(|s| s.in_flight() == 1).await;
+            let err = send(&http, &peer, get("/")).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::PoolTimedout, "{err:?}");
+            slow.await.unwrap().unwrap();
+            let stats = server.stats();
+            // The second request never reached the server, nor made it dial.
+            assert_eq!((stats.accepted, stats.requests()), (1, 1));
+            let s = http.connector().stats_for(&peer);
+            assert_eq!(s.connect_errors, 0, "a wait is not a failed dial: {s:?}");
+            stats
+        })
+    });
+    assert_eq!(stats.accepted, 1);
+    let snapshot = snapshotter.snapshot().into_vec();
+    let timedout: u64 = snapshot
+        .iter()
+        .filter(|(k, ..)| {
+            k.key().name() == upstream_pool::metrics::CONNECT_ERRORS_TOTAL
+                && k.key()
+                    .labels()
+                    .any(|l| l.key() == "kind" && l.value() == "pool_timedout")
+        })
+        .map(|(.., v)| match v {
+            DebugValue::Counter(c) => *c,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(timedout, 1, "connect_errors_total{{kind=pool_timedout}}");
+    let waits: Vec<f64> = snapshot
+        .iter()
+        .filter(|(k, ..)| k.key().name() == upstream_pool::metrics::WAIT_DURATION)
+        .flat_map(|(.., v)| match v {
+            DebugValue::Histogram(samples) => samples.iter().map(|s| s.0).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(waits.len(), 1, "wait samples: {waits:?}");
+    assert!(
+        (0.09..2.0).contains(&waits[0]),
+        "waited {}s for a 100 ms wait_timeout",
+        waits[0]
+    );
 }

@@ -290,6 +290,13 @@ pub(crate) async fn acquire(
     let max_streams = options.max_h2_streams;
     let mut waiting: Option<Waiting<'_>> = None;
     let mut deadline: Option<Instant> = None;
+    // Since when it waits at the cap (as `get` waits there), for the wait histogram.
+    let mut waited_since: Option<Instant> = None;
+    let record_wait = |since: Option<Instant>| {
+        if let Some(since) = since {
+            h2key.metrics.wait.record(since.elapsed().as_secs_f64());
+        }
+    };
     let mut seen_failures: Option<u64> = None;
     loop {
         let notified = h2key.notify.notified();
@@ -300,6 +307,8 @@ pub(crate) async fn acquire(
                 return Ok(Acquired::UseH1(st.h1_conn.take()));
             }
             if let Some(lease) = st.pick(&h2key, max_streams) {
+                drop(st);
+                record_wait(waited_since);
                 return Ok(Acquired::Stream(lease));
             }
             let seen = *seen_failures.get_or_insert(st.failures);
@@ -333,7 +342,9 @@ pub(crate) async fn acquire(
             // Waiting for a dial is bounded by the dial's own timeouts; waiting at the cap
             // (nothing dialling) by `wait_timeout`, counted from the first time.
             if st.dialing == 0 && deadline.is_none() {
-                deadline = Some(conn::later(Instant::now(), options.wait_timeout));
+                let now = Instant::now();
+                waited_since = Some(now);
+                deadline = Some(conn::later(now, options.wait_timeout));
             }
             // Registered before the lock is released, so no wake-up can be missed.
             notified.as_mut().enable();
@@ -341,10 +352,17 @@ pub(crate) async fn acquire(
         match deadline {
             Some(at) => {
                 if tokio::time::timeout_at(at, notified).await.is_err() {
-                    let mut st = h2key.state.lock();
-                    if let Some(lease) = st.pick(&h2key, max_streams) {
+                    let picked = h2key.state.lock().pick(&h2key, max_streams);
+                    record_wait(waited_since);
+                    if let Some(lease) = picked {
                         return Ok(Acquired::Stream(lease));
                     }
+                    // Counted as `get` counts its own `PoolTimedout` (not a failed dial, so
+                    // not in `PeerStats::connect_errors`).
+                    crate::metrics::connect_error(
+                        ErrorKind::PoolTimedout,
+                        options.metrics_peer_label.then(|| peer.name()).as_deref(),
+                    );
                     return Err(Error::new(
                         ErrorKind::PoolTimedout,
                         format!(
