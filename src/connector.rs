@@ -300,6 +300,12 @@ impl Connector {
         result
     }
 
+    /// Whether the pool still has an entry for `key`: the HTTP layer forgets what it learnt
+    /// about a key once the pool has forgotten the key.
+    pub(crate) fn pool_knows(&self, key: &PeerKey) -> bool {
+        self.inner.pool.knows(key)
+    }
+
     /// The HTTP layer's state shared by all clones of this connector.
     pub(crate) fn http_shared(&self) -> &crate::http::Shared {
         &self.inner.http

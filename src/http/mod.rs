@@ -23,7 +23,9 @@
 //! `Alpn::H2H1` (or a custom list offering `h2`) → whatever the server selects. The choice is
 //! remembered per pool key, so later requests know it before dialling; while it is unknown,
 //! concurrent first requests share one dial and fall back to HTTP/1.1 together if the server
-//! picked it.
+//! picked it. The memory is forgotten with the key (once the pool forgot it, swept lazily as
+//! new keys arrive, so it stays within about twice the keys in use) and by
+//! `Connector::evict`.
 //!
 //! # HTTP/1.1: one exchange at a time on a pooled connection
 //! Our own codec (`h1/`) on `httparse`, not hyper's `client::conn::http1`: hyper's connection

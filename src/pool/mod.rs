@@ -461,6 +461,11 @@ impl Pool {
             .map_or(0, |kp| kp.state.lock().idle.len())
     }
 
+    /// Whether the pool still has an entry for `key` (the reaper forgets unused ones).
+    pub(crate) fn knows(&self, key: &PeerKey) -> bool {
+        self.keys.contains_key(key)
+    }
+
     /// Connections of one key: dialling, in use and idle.
     pub(crate) fn connection_count_for(&self, key: &PeerKey) -> usize {
         self.keys.get(key).map_or(0, |kp| kp.state.lock().total)

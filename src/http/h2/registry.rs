@@ -13,6 +13,7 @@
 //! retired when its last stream ends), *gone* (retired or its driver ended: removed from
 //! `conns`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -36,11 +37,21 @@ use crate::stream::{Connection, SslDigest};
 /// The HTTP layer's state of one connector: per key, its protocol and HTTP/2 connections.
 ///
 /// Entries stay after their connections close, to remember the protocol a key speaks
-/// (about 300 bytes per key ever used over HTTP/2 or `Alpn::H2H1`).
+/// (about 300 bytes each), until the pool forgets the key (no connections and no use for
+/// its idle timeout): then an entry with no connection, dial, waiter or request holding it
+/// is dropped, and a later request learns the protocol again with one dial. Dropped lazily
+/// by a sweep when a new key arrives and the map has doubled since the last sweep (at
+/// least [`MIN_SWEEP`] entries), so the map stays within about twice the keys in use and
+/// costs O(1) amortised per new key, with no task of its own.
 #[derive(Default)]
 pub(crate) struct Shared {
     keys: DashMap<PeerKey, Arc<H2Key>, PrehashedState>,
+    /// Sweep when the map reaches this many entries (0 until the first sweep: [`MIN_SWEEP`]).
+    sweep_at: AtomicUsize,
 }
+
+/// Below this many entries the map is not swept.
+const MIN_SWEEP: usize = 64;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -136,10 +147,14 @@ pub(crate) enum Acquired {
 }
 
 impl Shared {
-    fn key(&self, key: &PeerKey, peer: &Peer, peer_label: bool) -> Arc<H2Key> {
+    fn key(&self, connector: &Connector, key: &PeerKey, peer: &Peer) -> Arc<H2Key> {
         if let Some(k) = self.keys.get(key) {
             return Arc::clone(k.value());
         }
+        if self.keys.len() >= self.sweep_at.load(Ordering::Relaxed).max(MIN_SWEEP) {
+            self.sweep(connector);
+        }
+        let peer_label = connector.options().metrics_peer_label;
         Arc::clone(
             self.keys
                 .entry(key.clone())
@@ -164,6 +179,28 @@ impl Shared {
                 })
                 .value(),
         )
+    }
+}
+
+impl Shared {
+    /// Drops the entries of keys the pool has forgotten that nothing uses: no connection,
+    /// dial, waiter or stream (each of those holds the entry's `Arc`, so a count of one,
+    /// read under the map's write lock that `key` clones under, means nobody can be using
+    /// it or start to).
+    fn sweep(&self, connector: &Connector) {
+        self.keys.retain(|key, k| {
+            if Arc::strong_count(k) > 1 {
+                return true;
+            }
+            let st = k.state.lock();
+            !st.conns.is_empty()
+                || st.dialing > 0
+                || st.waiting > 0
+                || st.h1_conn.is_some()
+                || connector.pool_knows(key)
+        });
+        self.sweep_at
+            .store(self.keys.len().saturating_mul(2), Ordering::Relaxed);
     }
 }
 
@@ -284,9 +321,7 @@ pub(crate) async fn acquire(
     offer: Offer,
 ) -> Result<Acquired> {
     let options = connector.options();
-    let h2key = connector
-        .http_shared()
-        .key(key, peer, options.metrics_peer_label);
+    let h2key = connector.http_shared().key(connector, key, peer);
     let max_streams = options.max_h2_streams;
     let mut waiting: Option<Waiting<'_>> = None;
     let mut deadline: Option<Instant> = None;
@@ -642,5 +677,36 @@ async fn drive(ready: Box<conn::Ready>, key: Weak<H2Key>, id: u64, timers: conn:
         st.retire(&key, id);
         drop(st);
         key.notify.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connector::ConnectorOptions;
+
+    /// The per-key protocol memory stays bounded: entries of keys the pool forgot (here:
+    /// never knew) and nobody holds are swept as new keys arrive; an entry in use, or whose
+    /// key the pool still knows, stays.
+    #[tokio::test]
+    async fn forgotten_keys_are_swept() {
+        let connector = Connector::new(ConnectorOptions::default()).unwrap();
+        let shared = Shared::default();
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let held_peer = Peer::tls(addr, "held");
+        let held = shared.key(&connector, held_peer.key().unwrap(), &held_peer);
+        // A failed dial leaves the key in the pool (used just now).
+        let pooled_peer = Peer::tls(addr, "pooled");
+        assert!(connector.preconnect(&pooled_peer, 1).await.is_err());
+        assert!(connector.pool_knows(pooled_peer.key().unwrap()));
+        drop(shared.key(&connector, pooled_peer.key().unwrap(), &pooled_peer));
+        for i in 0..1000 {
+            let peer = Peer::tls(addr, format!("h{i}"));
+            drop(shared.key(&connector, peer.key().unwrap(), &peer));
+        }
+        assert!(shared.keys.len() <= 2 * MIN_SWEEP, "{}", shared.keys.len());
+        assert!(shared.keys.contains_key(held_peer.key().unwrap()));
+        assert!(shared.keys.contains_key(pooled_peer.key().unwrap()));
+        drop(held);
     }
 }
