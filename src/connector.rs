@@ -605,6 +605,12 @@ impl Connector {
     /// Cost: one TCP connect and TLS handshake per missing connection (the first full, the
     /// others resuming its session when they start after it was cached).
     ///
+    /// It warms byte-stream connections, which serve `get` and HTTP/1.1 requests of
+    /// [`crate::http::HttpConnector`]; the HTTP/2 layer never takes idle pool connections.
+    /// For a peer used over HTTP/2 call [`crate::http::HttpConnector::preconnect`], which
+    /// dials HTTP/2 connections into its shared registry (and falls back to this for an
+    /// HTTP/1.1 key).
+    ///
     /// # Errors
     /// `InvalidConfig` for an unusable peer; otherwise the first error of the dials (as
     /// [`Connector::get`] reports them). The dials that succeeded are pooled all the same.

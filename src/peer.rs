@@ -521,6 +521,13 @@ impl Peer {
     ///
     /// Cost: one TCP connect and TLS handshake per connection topped up, on the connector's
     /// runtime, even if no request ever uses it.
+    ///
+    /// Idle pool connections are byte streams: they serve `get` and HTTP/1.1 requests of
+    /// [`crate::http::HttpConnector`], never HTTP/2, whose connections are shared outside the
+    /// idle pool. Do not set it on a peer used over HTTP/2 (`Alpn::H2`, or `Alpn::H2H1` with
+    /// a server selecting `h2`): its top-ups would be wasted handshakes (and the server's
+    /// SETTINGS on them would close them as unexpected data); use
+    /// `HttpConnector::preconnect` to warm HTTP/2 connections instead.
     pub fn with_min_idle(self, n: usize) -> Peer {
         self.edit(|inner| inner.min_idle = n)
     }

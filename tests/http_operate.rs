@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -239,4 +238,45 @@ fn http2_pool_timeouts_are_counted_and_their_waits_recorded() {
         "waited {}s for a 100 ms wait_timeout",
         waits[0]
     );
+}
+
+/// `HttpConnector::preconnect` dials HTTP/2 connections into the shared registry (the pool's
+/// idle byte streams would never carry HTTP/2): requests then use them without dialling, and
+/// a second call dials nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_preconnect_warms_http2_connections() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+    assert_eq!(http.preconnect(&peer, 2).await.unwrap(), 2);
+    server.wait_for(|s| s.accepted == 2).await;
+    assert_eq!(http.preconnect(&peer, 2).await.unwrap(), 2);
+    // Concurrent requests find ready connections: none dials a third.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, peer) = (http.clone(), peer.clone());
+            tokio::spawn(async move { send(&http, &peer, get("/")).await })
+        })
+        .collect();
+    for t in tasks {
+        let g = t.await.unwrap().unwrap();
+        assert!(g.conn_id < 2, "{g:?}");
+        assert_eq!(g.version, http::Version::HTTP_2);
+    }
+    let stats = server.stats();
+    assert_eq!((stats.accepted, stats.requests()), (2, 4));
+    // The pool holds no idle byte stream the HTTP/2 layer would never use.
+    let s = http.connector().stats_for(&peer);
+    assert_eq!((s.idle, s.in_use), (0, 2), "{s:?}");
+
+    // An HTTP/1.1 server behind `Alpn::H2H1`: learnt, then the pool is warmed.
+    let h1 = HttpServer::builder().h1_only().start();
+    let h1_peer = Peer::tls(h1.addr(), "localhost")
+        .with_ca(TestPki::shared().ca_a())
+        .with_alpn(Alpn::H2H1);
+    assert_eq!(http.preconnect(&h1_peer, 2).await.unwrap(), 2);
+    h1.wait_for(|s| s.accepted == 2).await;
+    let g = send(&http, &h1_peer, get("/")).await.unwrap();
+    assert_eq!((g.version, g.reused), (http::Version::HTTP_11, true));
+    assert_eq!(h1.stats().accepted, 2);
 }

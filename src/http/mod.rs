@@ -166,6 +166,43 @@ impl HttpConnector {
     }
 }
 
+impl HttpConnector {
+    /// Warms `peer` for HTTP: dials until `n` HTTP/2 connections ready for streams exist
+    /// for its exact key (`Alpn::H2`, or `Alpn::H2H1` while the server selects `h2`), or
+    /// `n` idle pooled connections for an HTTP/1.1 key (as [`Connector::preconnect`]).
+    /// Returns how many exist then.
+    ///
+    /// Use this rather than `Connector::preconnect` for HTTP/2 peers: the pool's idle
+    /// connections are byte streams the HTTP/2 layer never takes. The connections are dialled
+    /// concurrently; dials already in progress count towards `n`, so a second call dials
+    /// nothing. Bounded by `max_connections_per_peer` (it stops there and never waits).
+    /// A preconnected HTTP/2 connection's first stream is reported as not reused (and counted
+    /// as the `new` checkout of its dial); without streams it closes after the idle timeout
+    /// like any other. An `Alpn::H2H1` key whose server selects HTTP/1.1 learns it from the
+    /// first dial (that connection is pooled) and then warms the pool.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for an unusable peer; otherwise the first failed dial's error (the
+    /// connections that succeeded are kept); `ProtocolError` for an `Alpn::H2` peer whose
+    /// server does not select `h2`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the dials run on tasks of their own and finish without the caller,
+    /// bounded by the total connection timeout.
+    pub async fn preconnect(&self, peer: &Peer, n: usize) -> Result<usize> {
+        let key = peer.key()?;
+        let offer = protocol_of(peer);
+        if offer != Offer::H1 {
+            if let Some(ready) =
+                h2::registry::preconnect(&self.connector, peer, key, offer, n).await?
+            {
+                return Ok(ready);
+            }
+        }
+        self.connector.preconnect(peer, n).await
+    }
+}
+
 impl fmt::Debug for HttpConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpConnector")

@@ -415,6 +415,63 @@ pub(crate) async fn acquire(
     }
 }
 
+/// Dials HTTP/2 connections for `peer` until `n` ready ones exist (dials in progress count),
+/// under `max_connections_per_peer` (stops at it, never waits). Returns how many are ready,
+/// or `None` when the key speaks HTTP/1.1 (learnt now or before): the caller warms the pool.
+///
+/// # Errors
+/// The first failed dial's error (the others' connections are kept).
+pub(crate) async fn preconnect(
+    connector: &Connector,
+    peer: &Peer,
+    key: &PeerKey,
+    offer: Offer,
+    n: usize,
+) -> Result<Option<usize>> {
+    let h2key = connector.http_shared().key(connector, key, peer);
+    let (dials, failures) = {
+        let mut st = h2key.state.lock();
+        if st.learnt == Learnt::H1 && offer == Offer::Either {
+            return Ok(None);
+        }
+        let have = st.conns.iter().filter(|c| !c.draining).count() + st.dialing;
+        let room = connector
+            .options()
+            .max_connections_per_peer
+            .map_or(usize::MAX, |cap| {
+                cap.saturating_sub(connector.connection_count_for(peer))
+            });
+        let missing = n.saturating_sub(have).min(room);
+        st.dialing += missing;
+        let dials: Vec<_> = (0..missing)
+            .map(|_| {
+                tokio::spawn(dial(
+                    connector.clone(),
+                    peer.clone(),
+                    Arc::clone(&h2key),
+                    offer,
+                ))
+            })
+            .collect();
+        (dials, st.failures)
+    };
+    for d in dials {
+        // A dial task ends on its own (bounded by the connection timeouts); a panic in it
+        // has already been reported by the runtime.
+        let _ = d.await;
+    }
+    let st = h2key.state.lock();
+    if st.failures != failures {
+        if let Some(e) = &st.last_error {
+            return Err(e.duplicate());
+        }
+    }
+    if st.learnt == Learnt::H1 && offer == Offer::Either {
+        return Ok(None);
+    }
+    Ok(Some(st.conns.iter().filter(|c| !c.draining).count()))
+}
+
 impl KeyState {
     /// Takes a stream on the busiest ready connection with room. Busiest rather than first
     /// or least loaded: streams pack onto as few connections as possible, so surplus ones
