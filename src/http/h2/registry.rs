@@ -9,9 +9,9 @@
 //! pool never calls back into this module.
 //!
 //! A connection's states, from one field each: *ready* (`!draining`, in `conns`), *draining*
-//! (GOAWAY received, past `max_lifetime`, evicted, or closing idle: `draining`, takes no new streams,
-//! retired when its last stream ends), *gone* (retired or its driver ended: removed from
-//! `conns`).
+//! (GOAWAY received, past `max_lifetime`, evicted, or closing idle: `draining`, takes no new
+//! streams, retired when its last stream ends), *gone* (retired or its driver ended: removed
+//! from `conns`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
