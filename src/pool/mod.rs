@@ -509,11 +509,10 @@ impl Pool {
             for key_pool in &sample {
                 let mut state = key_pool.state.lock();
                 match state.idle.front() {
-                    Some(front) => {
-                        if oldest.is_none_or(|(since, _)| front.since < since) {
-                            oldest = Some((front.since, key_pool));
-                        }
+                    Some(front) if oldest.is_none_or(|(since, _)| front.since < since) => {
+                        oldest = Some((front.since, key_pool));
                     }
+                    Some(_) => {}
                     None if state.listed => {
                         state.listed = false;
                         self.unlist_candidate(key_pool);
