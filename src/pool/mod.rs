@@ -547,18 +547,20 @@ impl Pool {
     fn unlist_candidate(&self, key_pool: &KeyPool) {
         let mut candidates = self.candidates.lock();
         let i = key_pool.candidate_index.load(Ordering::Relaxed);
-        // `candidate_index` is kept under this lock for every listed key, so the check only
-        // guards against a bug turning into the removal of another key.
-        if candidates
-            .get(i)
-            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), key_pool))
-        {
+        let is_it = |c: &Arc<KeyPool>| std::ptr::eq(Arc::as_ptr(c), key_pool);
+        // `candidate_index` is kept under this lock for every listed key; the search is only a
+        // fallback so that a bug there cannot leave a stale entry `take_victim` spins on.
+        let found = if candidates.get(i).is_some_and(is_it) {
+            Some(i)
+        } else {
+            debug_assert!(false, "a listed key is at its candidate index");
+            candidates.iter().position(is_it)
+        };
+        if let Some(i) = found {
             candidates.swap_remove(i);
             if let Some(moved) = candidates.get(i) {
                 moved.candidate_index.store(i, Ordering::Relaxed);
             }
-        } else {
-            debug_assert!(false, "a listed key is at its candidate index");
         }
     }
 
