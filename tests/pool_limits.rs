@@ -535,6 +535,63 @@ async fn max_idle_total_closes_the_least_recently_used_across_peers() {
     assert!(!servers[2].stats().conns[0].closed);
 }
 
+/// Beyond 16 keys holding idle connections the global eviction samples keys instead of
+/// looking at all of them; concurrent releases must still evict exactly the excess: never
+/// below the cap (the server sees exactly the excess closed) and within it at rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_idle_total_at_many_keys_evicts_exactly_the_excess_under_concurrent_releases() {
+    const KEYS: usize = 60;
+    const CAP: usize = 10;
+    let server = TestServer::start(Behaviour::Http);
+    let peers: Vec<Peer> = (0..KEYS)
+        .map(|i| tls_peer(&server).with_group(format!("tenant-{i}")))
+        .collect();
+    let c = connector(|o| o.max_idle_total = CAP);
+    let mut conns = Vec::new();
+    for peer in &peers {
+        let mut conn = c.get(peer).await.unwrap();
+        exchange(&mut conn).await;
+        conns.push(conn);
+    }
+    // All released at once from four worker threads.
+    let start = Arc::new(tokio::sync::Barrier::new(KEYS));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|conn| {
+            let (c, start) = (c.clone(), Arc::clone(&start));
+            tokio::spawn(async move {
+                start.wait().await;
+                c.release(conn);
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(c.idle_count(), CAP);
+    let per_key: usize = peers.iter().map(|p| c.idle_count_for(p)).sum();
+    assert_eq!(per_key, CAP, "the idle total matches the idle lists");
+    let stats = server
+        .wait_for(|s| s.conns.iter().filter(|c| c.closed).count() >= KEYS - CAP)
+        .await;
+    assert_eq!(stats.accepted, KEYS);
+    // Give a late, wrong eviction time to show.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let closed = server.stats().conns.iter().filter(|c| c.closed).count();
+    assert_eq!(closed, KEYS - CAP, "exactly the excess was closed");
+    // The survivors are usable, and reused (no new dial).
+    for peer in &peers {
+        if c.idle_count_for(peer) == 1 {
+            let mut conn = c.get(peer).await.unwrap();
+            assert!(conn.reused());
+            exchange(&mut conn).await;
+            c.release(conn);
+        }
+    }
+    assert_eq!(server.stats().accepted, KEYS);
+    assert_eq!(c.idle_count(), CAP);
+}
+
 #[tokio::test]
 async fn max_idle_total_applies_within_one_peer_too() {
     let server = TestServer::start(Behaviour::Http);

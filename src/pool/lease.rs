@@ -116,6 +116,10 @@ pub(super) fn offer_to_waiters(
 pub(crate) enum LeaseState {
     Active,
     Idle,
+    /// Taken out of the idle list to be closed: counted in no gauge and not in the idle
+    /// total. Set under the key's lock, at the moment the connection leaves the list, so the
+    /// idle total never counts a connection that no list holds (see `Pool::evict_over_total`).
+    Closing,
 }
 
 /// A connection's membership in its key's pool: its slot, age, uses and gauge state.
@@ -143,19 +147,36 @@ impl Lease {
             return;
         }
         let m = &self.key_pool.metrics;
-        match state {
+        match self.state {
+            LeaseState::Active => m.active.decrement(1.0),
             LeaseState::Idle => {
-                m.active.decrement(1.0);
+                m.idle.decrement(1.0);
+                self.key_pool.idle_total.fetch_sub(1, Ordering::Relaxed);
+            }
+            LeaseState::Closing => {}
+        }
+        match state {
+            LeaseState::Active => m.active.increment(1.0),
+            LeaseState::Idle => {
                 m.idle.increment(1.0);
                 self.key_pool.idle_total.fetch_add(1, Ordering::Relaxed);
             }
-            LeaseState::Active => {
-                m.idle.decrement(1.0);
-                m.active.increment(1.0);
-                self.key_pool.idle_total.fetch_sub(1, Ordering::Relaxed);
-            }
+            LeaseState::Closing => {}
         }
         self.state = state;
+    }
+
+    /// Marks an idle connection chosen by the global eviction as closing, *without*
+    /// decrementing the idle total: the evicting release already did, when it claimed the
+    /// excess (see `Pool::evict_over_total`).
+    pub(crate) fn close_claimed(&mut self) {
+        debug_assert_eq!(self.state, LeaseState::Idle);
+        if self.state == LeaseState::Idle {
+            self.key_pool.metrics.idle.decrement(1.0);
+            self.state = LeaseState::Closing;
+        } else {
+            self.set_state(LeaseState::Closing);
+        }
     }
 }
 
@@ -167,6 +188,7 @@ impl Drop for Lease {
                 self.key_pool.metrics.idle.decrement(1.0);
                 self.key_pool.idle_total.fetch_sub(1, Ordering::Relaxed);
             }
+            LeaseState::Closing => {}
         }
         free_slot(&self.key_pool);
     }

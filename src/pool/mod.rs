@@ -5,7 +5,8 @@
 //!   while they take a slot or an idle connection, and the reaper removes an unused
 //!   `KeyPool` only under the shard's write lock after checking it is empty, so nobody can
 //!   take a slot in a `KeyPool` that is being removed. Lock order: map shard, then
-//!   `KeyPool::state`; never the other way.
+//!   `KeyPool::state`, then `Pool::candidates` (the keys global eviction samples); never the
+//!   other way.
 //! - `KeyPool::state` guards the idle list (LIFO), the connection count and the waiters of one
 //!   key. Connections are never dropped while it is held: dropping one frees its slot, which
 //!   takes the same lock.
@@ -38,6 +39,11 @@ use crate::metrics::{EvictionReason, PeerMetrics};
 use crate::peer::Peer;
 use crate::stats::{KeyStats, Live, PeerStats};
 use crate::stream::{Connection, Liveness};
+
+/// Keys sampled per global eviction (see [`Pool::evict_over_total`]).
+const EVICTION_SAMPLE: usize = 8;
+/// Up to this many candidate keys, a global eviction looks at all of them: exact LRU.
+const EVICTION_EXACT_UP_TO: usize = 16;
 
 /// Below this queue length abandoned waiters are left for `release` and the reaper to skip.
 const MIN_WAITER_PRUNE: usize = 16;
@@ -78,7 +84,15 @@ pub(crate) struct Limits {
 pub(crate) struct Pool {
     keys: DashMap<PeerKey, Arc<KeyPool>, PrehashedState>,
     /// Idle connections across all keys, for `max_idle_total`; shared with every `KeyPool`.
+    /// Exactly the connections in the idle lists minus the evictions claimed and not yet
+    /// taken out of a list (see [`Pool::evict_over_total`]).
     idle_total: Arc<AtomicUsize>,
+    /// Keys that may hold idle connections: where the global eviction samples. A key is
+    /// added when a release gives it an idle connection and it is not listed yet, and removed
+    /// lazily, when an eviction samples it and finds its list empty (or the reaper forgets
+    /// it); so a key that goes back and forth between one and zero idle connections (every
+    /// hit at one key) touches this lock only once. Lock order: `KeyPool::state`, then this.
+    candidates: Mutex<Vec<Arc<KeyPool>>>,
     limits: Limits,
     reaper_started: AtomicBool,
     /// The one set of metric handles all keys share when metrics have no `peer` label:
@@ -105,6 +119,9 @@ pub(crate) struct KeyPool {
     /// its last use.
     idle_timeout: Duration,
     idle_total: Arc<AtomicUsize>,
+    /// This key's place in `Pool::candidates` while `KeyState::listed`; written only under
+    /// the candidates' lock.
+    candidate_index: AtomicUsize,
     state: Mutex<KeyState>,
 }
 
@@ -136,6 +153,8 @@ struct KeyState {
     /// Top-up dials failed in a row, and when the next may start.
     refill_failures: u32,
     refill_after: Option<Tick>,
+    /// Whether the key is in `Pool::candidates`.
+    listed: bool,
 }
 
 /// One `preconnect` or top-up dial's place in [`KeyState::warming`]: released on drop, after
@@ -190,6 +209,7 @@ impl Pool {
             refill,
             keys: DashMap::with_hasher(PrehashedState::default()),
             idle_total: Arc::new(AtomicUsize::new(0)),
+            candidates: Mutex::new(Vec::new()),
             limits,
             reaper_started: AtomicBool::new(false),
             unlabelled_metrics: OnceLock::new(),
@@ -235,7 +255,6 @@ impl Pool {
                 tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "evicted at checkout");
                 continue;
             }
-            conn.inner.lease.set_state(LeaseState::Active);
             return Checkout::Reused(conn);
         }
     }
@@ -280,6 +299,7 @@ impl Pool {
                 .idle_timeout
                 .unwrap_or(self.limits.idle_timeout),
             idle_total: Arc::clone(&self.idle_total),
+            candidate_index: AtomicUsize::new(0),
             state: Mutex::new(KeyState::default()),
         }
     }
@@ -400,8 +420,15 @@ impl Pool {
             }
             conn.inner.lease.set_state(LeaseState::Idle);
             state.idle.push_back(Idle { conn, since: now });
+            if !state.listed {
+                state.listed = true;
+                self.list_candidate(&key_pool);
+            }
             if state.idle.len() > self.limits.max_idle_per_peer {
-                state.idle.pop_front()
+                state.idle.pop_front().map(|mut surplus| {
+                    surplus.conn.inner.lease.set_state(LeaseState::Closing);
+                    surplus
+                })
             } else {
                 None
             }
@@ -411,35 +438,136 @@ impl Pool {
             drop(surplus);
         }
         if self.idle_total.load(Ordering::Relaxed) > self.limits.max_idle_total {
-            self.evict_least_recently_used();
+            self.evict_over_total();
         }
         self.ensure_reaper();
     }
 
-    /// Closes the least recently released idle connections across all keys until the total is
-    /// within `max_idle_total`.
+    /// Closes idle connections, least recently released first (approximately, see below),
+    /// until the idle total is within `max_idle_total`.
     ///
-    /// Scans every key with idle connections, so it costs O(keys); it only runs when the total
-    /// cap is exceeded, never on a plain checkout or release.
-    fn evict_least_recently_used(&self) {
-        while self.idle_total.load(Ordering::Relaxed) > self.limits.max_idle_total {
-            let mut oldest: Option<(Tick, Arc<KeyPool>)> = None;
-            for entry in self.keys.iter() {
-                let state = entry.state.lock();
-                if let Some(front) = state.idle.front() {
-                    if oldest
-                        .as_ref()
-                        .is_none_or(|(since, _)| front.since < *since)
-                    {
-                        oldest = Some((front.since, Arc::clone(entry.value())));
+    /// Costs O(1) per eviction, whatever the number of keys. The choice, against the other
+    /// ways to get there:
+    /// - a global LRU list of idle connections (Pingora's pool) is exact, but every checkout
+    ///   and release would take its lock, one cache line all cores fight over on the hit path;
+    /// - a clock per shard still needs a global order across shards, or looks at every shard;
+    /// - sampling (Redis's `maxmemory` LRU) costs nothing on the hit path: each key's idle
+    ///   list is already in release order, so its front is the key's least recently released
+    ///   connection, and an eviction only has to compare the fronts of a few keys. The price
+    ///   is that the victim is the oldest of [`EVICTION_SAMPLE`] random keys' oldest, not the
+    ///   oldest of all: its age ranks, in expectation, in the oldest 1/9 of the keys' fronts,
+    ///   and it lies among the newest half with probability 2⁻⁸. Up to
+    ///   [`EVICTION_EXACT_UP_TO`] candidate keys every one is looked at, so small pools evict
+    ///   in exact LRU order.
+    ///
+    /// Never below the cap, however many releases run at once: each eviction first *claims*
+    /// one unit of the excess by decrementing the idle total while it is above the cap
+    /// (compare-and-swap), then takes one connection out of a list. So the evictions never
+    /// outnumber the excess; if the lists ran empty meanwhile (checkouts took them, which
+    /// lowers the total too) the claim is given back. At rest the total is within the cap
+    /// exactly; a sample taken during a release can see one extra idle connection per thread
+    /// releasing (pushed, not yet evicted).
+    fn evict_over_total(&self) {
+        let cap = self.limits.max_idle_total;
+        while self
+            .idle_total
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n > cap).then(|| n - 1)
+            })
+            .is_ok()
+        {
+            let Some(victim) = self.take_victim() else {
+                self.idle_total.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            victim
+                .inner
+                .lease
+                .key_pool
+                .metrics
+                .evicted(EvictionReason::Capacity);
+            tracing::debug!(peer = %victim.inner.lease.peer_description(), "evicted by max_idle_total");
+            // Dropped here, outside every lock.
+            drop(victim);
+        }
+    }
+
+    /// Takes the least recently released idle connection of a sample of keys out of its list,
+    /// for an eviction already claimed. `None` once no key has an idle connection.
+    ///
+    /// Each round either finds a victim or drops stale candidates (keys whose list is empty)
+    /// from `candidates`; each such removal is paid for by the release that listed the key,
+    /// so the cost is amortised O(1) per eviction.
+    fn take_victim(&self) -> Option<Connection> {
+        loop {
+            let sample: Vec<Arc<KeyPool>> = {
+                let candidates = self.candidates.lock();
+                if candidates.is_empty() {
+                    return None;
+                }
+                if candidates.len() <= EVICTION_EXACT_UP_TO {
+                    candidates.iter().map(Arc::clone).collect()
+                } else {
+                    (0..EVICTION_SAMPLE)
+                        .map(|_| Arc::clone(&candidates[random_below(candidates.len())]))
+                        .collect()
+                }
+            };
+            let mut oldest: Option<(Tick, &Arc<KeyPool>)> = None;
+            for key_pool in &sample {
+                let mut state = key_pool.state.lock();
+                match state.idle.front() {
+                    Some(front) if oldest.is_none_or(|(since, _)| front.since < since) => {
+                        oldest = Some((front.since, key_pool));
                     }
+                    Some(_) => {}
+                    None if state.listed => {
+                        state.listed = false;
+                        self.unlist_candidate(key_pool);
+                    }
+                    None => {}
                 }
             }
-            let Some((_, key_pool)) = oldest else { return };
-            let victim = key_pool.state.lock().idle.pop_front();
-            if let Some(victim) = victim {
-                key_pool.metrics.evicted(EvictionReason::Capacity);
-                drop(victim);
+            let Some((_, key_pool)) = oldest else {
+                continue;
+            };
+            let mut state = key_pool.state.lock();
+            // Emptied since it was sampled (by checkouts): sample again.
+            if let Some(mut victim) = state.idle.pop_front() {
+                victim.conn.inner.lease.close_claimed();
+                return Some(victim.conn);
+            }
+        }
+    }
+
+    /// Adds `key_pool` to the eviction candidates. Called under its state lock, with
+    /// `listed` just set.
+    fn list_candidate(&self, key_pool: &Arc<KeyPool>) {
+        let mut candidates = self.candidates.lock();
+        key_pool
+            .candidate_index
+            .store(candidates.len(), Ordering::Relaxed);
+        candidates.push(Arc::clone(key_pool));
+    }
+
+    /// Removes `key_pool` from the eviction candidates. Called under its state lock, with
+    /// `listed` just cleared.
+    fn unlist_candidate(&self, key_pool: &KeyPool) {
+        let mut candidates = self.candidates.lock();
+        let i = key_pool.candidate_index.load(Ordering::Relaxed);
+        let is_it = |c: &Arc<KeyPool>| std::ptr::eq(Arc::as_ptr(c), key_pool);
+        // `candidate_index` is kept under this lock for every listed key; the search is only a
+        // fallback so that a bug there cannot leave a stale entry `take_victim` spins on.
+        let found = if candidates.get(i).is_some_and(is_it) {
+            Some(i)
+        } else {
+            debug_assert!(false, "a listed key is at its candidate index");
+            candidates.iter().position(is_it)
+        };
+        if let Some(i) = found {
+            candidates.swap_remove(i);
+            if let Some(moved) = candidates.get(i) {
+                moved.candidate_index.store(i, Ordering::Relaxed);
             }
         }
     }
@@ -498,7 +626,10 @@ impl Pool {
                     self.unusable(&mut idle.conn, now)
                 };
                 match reason.and_then(|r| state.idle.remove(i).map(|idle| (r, idle.conn))) {
-                    Some(gone) => evicted.push(gone),
+                    Some((reason, mut gone)) => {
+                        gone.inner.lease.set_state(LeaseState::Closing);
+                        evicted.push((reason, gone));
+                    }
                     None => i += 1,
                 }
             }
@@ -508,8 +639,22 @@ impl Pool {
             tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "evicted idle connection");
             drop(conn);
         }
-        self.keys.retain(|_, key_pool| !key_pool.is_unused(now));
+        self.keys
+            .retain(|_, key_pool| !self.forget_if_unused(key_pool, now));
         self.refill(now);
+    }
+
+    /// Whether the reaper forgets `key_pool` (see [`KeyPool::is_unused`]); if so, also drops
+    /// it from the eviction candidates, which would otherwise keep it (and grow) until an
+    /// eviction sampled it.
+    fn forget_if_unused(&self, key_pool: &KeyPool, now: Tick) -> bool {
+        let mut state = key_pool.state.lock();
+        let unused = key_pool.is_unused(&mut state, now);
+        if unused && state.listed {
+            state.listed = false;
+            self.unlist_candidate(key_pool);
+        }
+        unused
     }
 
     /// Starts top-up dials for keys below their `min_idle`, at most
@@ -576,13 +721,19 @@ impl KeyPool {
         state.min_idle = min_idle;
         while let Some(idle) = state.idle.pop_back() {
             let timeout = idle.conn.inner.lease.idle_timeout.min(idle_timeout);
+            let mut conn = idle.conn;
             if now.exceeded(idle.since, timeout) {
                 self.metrics.evicted(EvictionReason::IdleTimeout);
-                expired.push(idle.conn);
+                conn.inner.lease.set_state(LeaseState::Closing);
+                expired.push(conn);
                 continue;
             }
             state.reused += 1;
-            return (Checkout::Reused(idle.conn), expired);
+            // Counted active as it leaves the list, under the lock: the idle total never
+            // counts a connection no list holds (see `Pool::evict_over_total`). If the
+            // caller finds it dead it is dropped as an active one.
+            conn.inner.lease.set_state(LeaseState::Active);
+            return (Checkout::Reused(conn), expired);
         }
         if cap.is_none_or(|cap| state.total < cap) {
             state.total += 1;
@@ -618,8 +769,7 @@ impl KeyPool {
     /// Whether the key can be forgotten: no connections, no waiters, and no use within its
     /// idle timeout (kept that long so that its stats survive a moment without connections
     /// and `min_idle` can top it up after a failed dial).
-    fn is_unused(&self, now: Tick) -> bool {
-        let mut state = self.state.lock();
+    fn is_unused(&self, state: &mut KeyState, now: Tick) -> bool {
         state.waiters.retain(|w| !w.is_closed());
         state.total == 0
             && state.idle.is_empty()
@@ -671,7 +821,14 @@ impl KeyPool {
         let idle: Vec<Connection> = {
             let mut state = self.state.lock();
             state.epoch += 1;
-            state.idle.drain(..).map(|i| i.conn).collect()
+            state
+                .idle
+                .drain(..)
+                .map(|mut i| {
+                    i.conn.inner.lease.set_state(LeaseState::Closing);
+                    i.conn
+                })
+                .collect()
         };
         let n = idle.len();
         self.evicted(EvictionReason::Evicted, n as u64);
@@ -717,4 +874,27 @@ impl Drop for Pool {
         }
         drop(idle);
     }
+}
+
+/// A uniformly random index below `n` (`n > 0`), from a per-thread xorshift generator: the
+/// eviction sample needs no cryptographic quality, only keys that differ between evictions.
+fn random_below(n: usize) -> usize {
+    use std::cell::Cell;
+    use std::hash::BuildHasher;
+    thread_local! {
+        // `RandomState` is seeded randomly per process; the thread id tells threads apart.
+        // `| 1`: xorshift never leaves zero.
+        static STATE: Cell<u64> = Cell::new(
+            std::collections::hash_map::RandomState::new().hash_one(std::thread::current().id()) | 1,
+        );
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        // Multiply-shift: unbiased enough for n far below 2^32, and no division.
+        ((u128::from(x) * n as u128) >> 64) as usize
+    })
 }
