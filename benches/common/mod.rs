@@ -5,6 +5,7 @@
 //!   runs that need more sockets than one process may open.
 //! - [`hit`]: the pool hit path under test (`Connector::get` + `Connector::release`) with every
 //!   feature that costs something switched on, and a two-thread driver.
+//! - [`http_upstream`]: an HTTP/2 and HTTP/1.1 upstream (TLS, ALPN) for the child process.
 //! - [`tls`]: an in-process OpenSSL upstream on its own thread, answering one fixed HTTP
 //!   response per request.
 //! - [`certs`]: the test suite's throw-away PKI (`tests/support/certs.rs`, included as is).
@@ -19,6 +20,7 @@
 pub(crate) mod certs;
 pub(crate) mod child;
 pub(crate) mod hit;
+pub(crate) mod http_upstream;
 pub(crate) mod tls;
 
 use std::sync::OnceLock;
