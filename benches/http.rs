@@ -35,7 +35,6 @@
 mod common;
 
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -43,7 +42,6 @@ use bytes::Bytes;
 use criterion::Criterion;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use openssl::ssl::{SslConnector, SslMethod};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
@@ -53,6 +51,7 @@ use upstream_pool::{Alpn, Connector, ConnectorOptions, Peer};
 
 use common::certs::TestPki;
 use common::child::{ChildUpstream, Upstream};
+use common::http_upstream::ServerStats;
 use common::hit::{current_thread, thread_cpu_time};
 
 /// Requests in flight together in the `16_tasks` cases.
@@ -110,59 +109,8 @@ struct Fixture<'a> {
     addr: std::net::SocketAddr,
 }
 
-/// What the server observed so far (`GET /stats` on a connection of its own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ServerStats {
-    connections: u64,
-    h2: u64,
-    h1: u64,
-    requests: u64,
-}
-
-impl std::fmt::Display for ServerStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} connections ({} HTTP/2, {} HTTP/1.1), {} requests",
-            self.connections, self.h2, self.h1, self.requests
-        )
-    }
-}
-
 async fn server_stats(fx: &Fixture<'_>) -> ServerStats {
-    let tls = bare_tls(fx, b"\x08http/1.1").await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("stats: handshake");
-    let driver = tokio::spawn(conn);
-    let req = http::Request::get("/stats")
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
-        .expect("stats request");
-    let body = send
-        .send_request(req)
-        .await
-        .expect("stats: response")
-        .into_body()
-        .collect()
-        .await
-        .expect("stats: body")
-        .to_bytes();
-    drop(send);
-    let _ = driver.await;
-    let text = String::from_utf8_lossy(&body);
-    let field = |name: &str| -> u64 {
-        text.split(' ')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("stats: no {name} in {text:?}"))
-    };
-    ServerStats {
-        connections: field("connections"),
-        h2: field("h2"),
-        h1: field("h1"),
-        requests: field("requests"),
-    }
+    common::http_upstream::stats(fx.addr, &fx.pki.ca_a()).await
 }
 
 /// Runs one criterion variant and checks with the server that every request it timed
@@ -199,24 +147,8 @@ fn checked_variant(
     );
 }
 
-/// A `tokio-openssl` client stream to the upstream offering `alpn` (wire format), verifying
-/// `localhost` against the test CA: the bare baselines' transport.
 async fn bare_tls(fx: &Fixture<'_>, alpn: &[u8]) -> SslStream<TcpStream> {
-    let mut b = SslConnector::builder(SslMethod::tls_client()).expect("client builder");
-    for c in fx.pki.ca_a() {
-        b.cert_store_mut().add_cert(c).expect("add CA");
-    }
-    b.set_alpn_protos(alpn).expect("ALPN");
-    let connector = b.build();
-    let tcp = TcpStream::connect(fx.addr).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    let ssl = connector
-        .configure()
-        .and_then(|c| c.into_ssl("localhost"))
-        .expect("ssl");
-    let mut tls = SslStream::new(ssl, tcp).expect("ssl stream");
-    Pin::new(&mut tls).connect().await.expect("TLS handshake");
-    tls
+    common::http_upstream::client_tls(fx.addr, &fx.pki.ca_a(), alpn).await
 }
 
 fn connector() -> Connector {

@@ -160,3 +160,96 @@ async fn serve_h1(mut tls: SslStream<tokio::net::TcpStream>, id: u64) -> io::Res
         }
     }
 }
+
+// ------------------------------------------------------------------ the benchmarks' side
+
+/// What the server observed so far; see [`stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerStats {
+    /// TLS connections accepted (handshake completed), both protocols.
+    pub(crate) connections: u64,
+    /// Of which HTTP/2.
+    pub(crate) h2: u64,
+    /// Of which HTTP/1.1.
+    pub(crate) h1: u64,
+    /// Requests answered (`/stats` not counted).
+    pub(crate) requests: u64,
+}
+
+impl std::fmt::Display for ServerStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connections ({} HTTP/2, {} HTTP/1.1), {} requests",
+            self.connections, self.h2, self.h1, self.requests
+        )
+    }
+}
+
+/// A `tokio-openssl` client stream to `addr` offering `alpn` (wire format), verifying
+/// `localhost` against `ca`: the bare baselines' transport.
+pub(crate) async fn client_tls(
+    addr: std::net::SocketAddr,
+    ca: &[openssl::x509::X509],
+    alpn: &[u8],
+) -> SslStream<tokio::net::TcpStream> {
+    let mut b = openssl::ssl::SslConnector::builder(SslMethod::tls_client())
+        .expect("client builder");
+    for c in ca {
+        b.cert_store_mut().add_cert(c.clone()).expect("add CA");
+    }
+    b.set_alpn_protos(alpn).expect("ALPN");
+    let connector = b.build();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let ssl = connector
+        .configure()
+        .and_then(|c| c.into_ssl("localhost"))
+        .expect("ssl");
+    let mut tls = SslStream::new(ssl, tcp).expect("ssl stream");
+    Pin::new(&mut tls).connect().await.expect("TLS handshake");
+    tls
+}
+
+/// Asks the server what it observed (`GET /stats` over HTTP/1.1 on a connection of its own,
+/// which the returned count includes).
+pub(crate) async fn stats(addr: std::net::SocketAddr, ca: &[openssl::x509::X509]) -> ServerStats {
+    let mut tls = client_tls(addr, ca, b"\x08http/1.1").await;
+    tls.write_all(b"GET /stats HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("stats: write");
+    let mut response = Vec::new();
+    // The server keeps the connection open: read until the announced body is complete.
+    let mut chunk = [0u8; 1024];
+    let text = loop {
+        let n = tls.read(&mut chunk).await.expect("stats: read");
+        assert!(n > 0, "stats: the server closed the connection");
+        response.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.parse().ok())
+            .expect("stats: content-length");
+        if body.len() >= len {
+            break body.to_string();
+        }
+    };
+    let field = |name: &str| -> u64 {
+        text.split(' ')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("stats: no {name} in {text:?}"))
+    };
+    ServerStats {
+        connections: field("connections"),
+        h2: field("h2"),
+        h1: field("h1"),
+        requests: field("requests"),
+    }
+}
