@@ -20,6 +20,11 @@
 //!   hyper HTTP/1.1 `SendRequest` kept open on a directly held `tokio-openssl` stream (the
 //!   floor: no pool, no per-request session setup).
 //!
+//! After each group a paired run (`<group>/paired`) alternates its variants in rounds of a few
+//! hundred requests, rotating their order, and prints the median of the per-round ratios: on
+//! this shared machine a variant's criterion estimate moves by tens of percent from one
+//! minute to the next, the ratio within a round much less.
+//!
 //! Timing: CPU time of the benchmark thread per request (`CLOCK_THREAD_CPUTIME_ID`, as in
 //! `benches/pool.rs`). The runtime is current-thread, so the `h2` connection tasks (ours and
 //! the bare one) and hyper's connection future run on that thread and are counted; the
@@ -29,7 +34,8 @@
 //!
 //! ```text
 //! cargo bench --bench http
-//! cargo bench --bench http -- h2/16_tasks     # one group
+//! cargo bench --bench http -- h2/16_tasks     # one group (and its paired run)
+//! cargo bench --bench http -- paired          # the paired runs only
 //! ```
 
 mod common;
@@ -56,6 +62,10 @@ use common::hit::{current_thread, thread_cpu_time};
 
 /// Requests in flight together in the `16_tasks` cases.
 const TASKS: u64 = 16;
+/// Rounds of the paired runs (`UPSTREAM_POOL_BENCH_ROUNDS` overrides it) and requests per
+/// variant per round (times 4 with 16 tasks).
+const PAIRED_ROUNDS: usize = 21;
+const PAIRED_BATCH: u64 = 500;
 
 fn main() {
     common::child::run_if_child();
@@ -89,11 +99,11 @@ fn main() {
         } else {
             "h2/16_tasks"
         };
-        if common::selected(group) {
+        if common::selected(group) || common::selected(&format!("{group}/paired")) {
             bench_h2(&mut c, &fx, group, tasks);
         }
     }
-    if common::selected("h1/1_task") {
+    if common::selected("h1/1_task") || common::selected("h1/1_task/paired") {
         bench_h1(&mut c, &fx);
     }
     eprintln!(
@@ -119,18 +129,21 @@ async fn server_stats(fx: &Fixture<'_>) -> ServerStats {
 fn checked_variant(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     fx: &Fixture<'_>,
+    group_name: &str,
     name: &str,
     done: &AtomicU64,
     mut run: impl FnMut(u64) -> Duration,
 ) {
+    if !common::selected(&format!("{group_name}/{name}")) {
+        return;
+    }
     let before = fx.rt.block_on(server_stats(fx));
     let start_count = done.load(Ordering::Relaxed);
     group.bench_function(name, |b| b.iter_custom(&mut run));
     let after = fx.rt.block_on(server_stats(fx));
     let sent = done.load(Ordering::Relaxed) - start_count;
-    let group_name = name;
     eprintln!(
-        "[http] {group_name}: {sent} requests timed; the server saw {} requests and {} new \
+        "[http] {group_name}/{name}: {sent} requests timed; the server saw {} requests and {} new \
          connections (1 of them for /stats)",
         after.requests - before.requests,
         after.connections - before.connections,
@@ -138,12 +151,30 @@ fn checked_variant(
     assert_eq!(
         after.requests - before.requests,
         sent,
-        "{group_name}: the server did not see every request exactly once"
+        "{group_name}/{name}: the server did not see every request exactly once"
     );
     assert_eq!(
         after.connections - before.connections,
         1,
-        "{group_name}: a connection was opened while measuring"
+        "{group_name}/{name}: a connection was opened while measuring"
+    );
+}
+
+/// Checks that the server saw every request of a paired run and no new connection but the
+/// `/stats` one.
+fn check_paired(fx: &Fixture<'_>, label: &str, before: ServerStats, sent: u64) {
+    let after = fx.rt.block_on(server_stats(fx));
+    eprintln!(
+        "[http] {label}/paired: {sent} requests sent; the server saw {} requests and {} new \
+         connections (1 of them for /stats)",
+        after.requests - before.requests,
+        after.connections - before.connections,
+    );
+    assert_eq!(after.requests - before.requests, sent, "{label}/paired: requests lost");
+    assert_eq!(
+        after.connections - before.connections,
+        1,
+        "{label}/paired: a connection was opened while measuring"
     );
 }
 
@@ -242,7 +273,7 @@ fn bench_h2(c: &mut Criterion, fx: &Fixture<'_>, group_name: &str, tasks: u64) {
 
     let done = AtomicU64::new(0);
     let mut group = c.benchmark_group(group_name);
-    checked_variant(&mut group, fx, "send", &done, |iters| {
+    checked_variant(&mut group, fx, group_name, "send", &done, |iters| {
         done.fetch_add(iters, Ordering::Relaxed);
         if tasks == 1 {
             common::hit::one_task(fx.rt, iters, |_| ours_request(&http, &peer))
@@ -257,7 +288,7 @@ fn bench_h2(c: &mut Criterion, fx: &Fixture<'_>, group_name: &str, tasks: u64) {
             })
         }
     });
-    checked_variant(&mut group, fx, "bare", &done, |iters| {
+    checked_variant(&mut group, fx, group_name, "bare", &done, |iters| {
         done.fetch_add(iters, Ordering::Relaxed);
         split(fx.rt, iters, tasks, |n| {
             let mut send = send.clone();
@@ -269,6 +300,41 @@ fn bench_h2(c: &mut Criterion, fx: &Fixture<'_>, group_name: &str, tasks: u64) {
         })
     });
     group.finish();
+    let paired_name = format!("{group_name}/paired");
+    if common::selected(&paired_name) {
+        let before = fx.rt.block_on(server_stats(fx));
+        let rounds = common::paired_rounds(PAIRED_ROUNDS);
+        let batch = PAIRED_BATCH * tasks.min(4);
+        common::paired(
+            group_name,
+            rounds,
+            batch,
+            &["bare", "send"],
+            &mut [
+                &mut |n| {
+                    split(fx.rt, n, tasks, |n| {
+                        let mut send = send.clone();
+                        async move {
+                            for _ in 0..n {
+                                bare_h2_request(&mut send).await;
+                            }
+                        }
+                    })
+                },
+                &mut |n| {
+                    split(fx.rt, n, tasks, |n| {
+                        let (http, peer) = (http.clone(), peer.clone());
+                        async move {
+                            for _ in 0..n {
+                                ours_request(&http, &peer).await;
+                            }
+                        }
+                    })
+                },
+            ],
+        );
+        check_paired(fx, group_name, before, 2 * rounds as u64 * batch);
+    }
     // Still one connection for ours: no request dialled a second one.
     fx.rt.block_on(async {
         let req = http::Request::get("/")
@@ -350,15 +416,15 @@ fn bench_h1(c: &mut Criterion, fx: &Fixture<'_>) {
 
     let done = AtomicU64::new(0);
     let mut group = c.benchmark_group("h1/1_task");
-    checked_variant(&mut group, fx, "send", &done, |iters| {
+    checked_variant(&mut group, fx, "h1/1_task", "send", &done, |iters| {
         done.fetch_add(iters, Ordering::Relaxed);
         common::hit::one_task(fx.rt, iters, |_| ours_request(&http, &peer))
     });
-    checked_variant(&mut group, fx, "hyper_per_request", &done, |iters| {
+    checked_variant(&mut group, fx, "h1/1_task", "hyper_per_request", &done, |iters| {
         done.fetch_add(iters, Ordering::Relaxed);
         common::hit::one_task(fx.rt, iters, |_| hyper_per_request(&pool, &peer))
     });
-    checked_variant(&mut group, fx, "hyper_kept", &done, |iters| {
+    checked_variant(&mut group, fx, "h1/1_task", "hyper_kept", &done, |iters| {
         done.fetch_add(iters, Ordering::Relaxed);
         let kept = &mut kept;
         fx.rt.block_on(async {
@@ -370,8 +436,35 @@ fn bench_h1(c: &mut Criterion, fx: &Fixture<'_>) {
         })
     });
     group.finish();
-    assert_eq!(http.connector().idle_count(), 1, "send lost its connection");
-    assert_eq!(pool.idle_count(), 1, "hyper_per_request lost its connection");
+    if common::selected("h1/1_task/paired") {
+        let before = fx.rt.block_on(server_stats(fx));
+        let rounds = common::paired_rounds(PAIRED_ROUNDS);
+        let batch = PAIRED_BATCH;
+        common::paired(
+            "h1/1_task",
+            rounds,
+            batch,
+            &["send", "hyper_per_request", "hyper_kept"],
+            &mut [
+                &mut |n| common::hit::one_task(fx.rt, n, |_| ours_request(&http, &peer)),
+                &mut |n| common::hit::one_task(fx.rt, n, |_| hyper_per_request(&pool, &peer)),
+                &mut |n| {
+                    let kept = &mut kept;
+                    fx.rt.block_on(async {
+                        let start = thread_cpu_time();
+                        for _ in 0..n {
+                            hyper_kept(kept).await;
+                        }
+                        thread_cpu_time() - start
+                    })
+                },
+            ],
+        );
+        check_paired(fx, "h1/1_task", before, 3 * rounds as u64 * batch);
+    }
+    // (No idle-count check at the end: a connection idle for longer than the pool's 30 s idle
+    // timeout while the other variants ran is rightly closed; the server's counts above show
+    // that no variant dialled while it was measured.)
     drop(kept);
     driver.abort();
 }

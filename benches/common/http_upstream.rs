@@ -199,6 +199,9 @@ pub(crate) async fn client_tls(
         b.cert_store_mut().add_cert(c.clone()).expect("add CA");
     }
     b.set_alpn_protos(alpn).expect("ALPN");
+    // As our connector does (src/connect/tls.rs): whole records in one read. Without it the
+    // bare baselines make two or three reads per record and look slower than they are.
+    b.set_read_ahead(true);
     let connector = b.build();
     let tcp = tokio::net::TcpStream::connect(addr)
         .await

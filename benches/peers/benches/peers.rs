@@ -300,6 +300,10 @@ fn bench_pingora_connector(
 // - `pingora_checkout`: `reused_http_session` + `release_http_session` alone, for reference:
 //   the part of `pingora`'s request that is its connector's.
 //
+// After each group, a paired run (`<group>/paired`: the three alternating in rounds, see
+// `common::paired`) prints the median per-round ratios pingora / ours and
+// pingora_checkout / ours.
+//
 // Timing: CPU time of the benchmark thread (current-thread runtime: the h2 connection tasks
 // of both, Pingora's idle-watch tasks, all run on it). `1_task`: one request after the
 // other; `16_tasks`: sixteen tasks at once on the same connection (Pingora peer and ours
@@ -424,7 +428,10 @@ where
 }
 
 fn bench_h2(c: &mut Criterion) {
-    if !common::selected("h2/1_task") && !common::selected("h2/16_tasks") {
+    if !["h2/1_task", "h2/16_tasks", "h2/1_task/paired", "h2/16_tasks/paired"]
+        .iter()
+        .any(|n| common::selected(n))
+    {
         return;
     }
     let pki = common::certs::TestPki::new();
@@ -467,7 +474,7 @@ fn bench_h2(c: &mut Criterion) {
     let stats = |rt: &Runtime| rt.block_on(common::http_upstream::stats(upstream.addr(), &pki.ca_a()));
     for tasks in [1, H2_TASKS] {
         let name = if tasks == 1 { "h2/1_task" } else { "h2/16_tasks" };
-        if !common::selected(name) {
+        if !common::selected(name) && !common::selected(&format!("{name}/paired")) {
             continue;
         }
         let before = stats(&rt);
@@ -490,6 +497,24 @@ fn bench_h2(c: &mut Criterion) {
             })
         });
         group.finish();
+        if common::selected(&format!("{name}/paired")) {
+            let batch = 500 * tasks.min(4);
+            common::paired(
+                name,
+                common::paired_rounds(21),
+                batch,
+                &["ours", "pingora", "pingora_checkout"],
+                &mut [
+                    &mut |n| h2_split(&rt, &fx, n, tasks, |fx| async move { fx.ours().await }),
+                    &mut |n| h2_split(&rt, &fx, n, tasks, |fx| async move { fx.pingora().await }),
+                    &mut |n| {
+                        h2_split(&rt, &fx, n, tasks, |fx| async move {
+                            fx.pingora_checkout().await
+                        })
+                    },
+                ],
+            );
+        }
         let after = stats(&rt);
         eprintln!(
             "[{name}] server saw {} requests and {} new connections (1 of them for /stats); \
