@@ -182,8 +182,13 @@ async fn bare_tls(fx: &Fixture<'_>, alpn: &[u8]) -> SslStream<TcpStream> {
     common::http_upstream::client_tls(fx.addr, &fx.pki.ca_a(), alpn).await
 }
 
+/// Default options but a 10-minute idle timeout: a variant's connection sits idle while the
+/// others are measured (longer than the default 30 s with criterion's analysis in between),
+/// and a connection closed for idleness would make the next run dial.
 fn connector() -> Connector {
-    Connector::new(ConnectorOptions::default()).expect("connector")
+    let mut options = ConnectorOptions::default();
+    options.idle_timeout = Duration::from_secs(600);
+    Connector::new(options).expect("connector")
 }
 
 // ---------------------------------------------------------------------------------- HTTP/2

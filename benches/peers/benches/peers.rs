@@ -295,7 +295,7 @@ fn bench_pingora_connector(
 // - `ours`: `HttpConnector::send` + the body collected (our public API has no checkout on
 //   its own: `send` picks a stream, sends, and the body's end gives the stream back).
 // - `pingora`: `reused_http_session` + `write_request_header` + `read_response_header` +
-//   `read_response_body` to the end + `release_http_session` (60 s idle timeout), with
+//   `read_response_body` to the end + `release_http_session` (10 min idle timeout, as ours), with
 //   `new_http_session` when `reused_http_session` finds nothing, as `get_http_session` would.
 // - `pingora_checkout`: `reused_http_session` + `release_http_session` alone, for reference:
 //   the part of `pingora`'s request that is its connector's.
@@ -320,6 +320,8 @@ use upstream_pool::http::HttpConnector;
 
 /// Requests in flight together in the `16_tasks` cases.
 const H2_TASKS: u64 = 16;
+/// Idle timeout of the HTTP/2 connections, ours and Pingora's.
+const H2_IDLE: Duration = Duration::from_secs(600);
 
 struct H2Fixture {
     ours: HttpConnector,
@@ -392,13 +394,13 @@ impl H2Fixture {
         }
         assert_eq!(len, 2);
         self.pingora
-            .release_http_session(session, &self.pingora_peer, Some(IDLE));
+            .release_http_session(session, &self.pingora_peer, Some(H2_IDLE));
     }
 
     async fn pingora_checkout(&self) {
         let session = self.pingora_session().await;
         self.pingora
-            .release_http_session(session, &self.pingora_peer, Some(IDLE));
+            .release_http_session(session, &self.pingora_peer, Some(H2_IDLE));
     }
 }
 
@@ -446,10 +448,11 @@ fn bench_h2(c: &mut Criterion) {
     })
     .expect("child upstream");
     let rt = hit::current_thread();
-    let ours = HttpConnector::new(
-        upstream_pool::Connector::new(upstream_pool::ConnectorOptions::default())
-            .expect("connector"),
-    );
+    // Default options but a 10-minute idle timeout on both sides: one side's connection sits
+    // idle while the other is measured, and must not be closed for it.
+    let mut options = upstream_pool::ConnectorOptions::default();
+    options.idle_timeout = H2_IDLE;
+    let ours = HttpConnector::new(upstream_pool::Connector::new(options).expect("connector"));
     let our_peer = upstream_pool::Peer::tls(upstream.addr(), "localhost")
         .with_ca(pki.ca_a())
         .with_alpn(upstream_pool::Alpn::H2);
