@@ -57,8 +57,8 @@ use upstream_pool::{Alpn, Connector, ConnectorOptions, Peer};
 
 use common::certs::TestPki;
 use common::child::{ChildUpstream, Upstream};
-use common::http_upstream::ServerStats;
 use common::hit::{current_thread, thread_cpu_time};
+use common::http_upstream::ServerStats;
 
 /// Requests in flight together in the `16_tasks` cases.
 const TASKS: u64 = 16;
@@ -170,7 +170,11 @@ fn check_paired(fx: &Fixture<'_>, label: &str, before: ServerStats, sent: u64) {
         after.requests - before.requests,
         after.connections - before.connections,
     );
-    assert_eq!(after.requests - before.requests, sent, "{label}/paired: requests lost");
+    assert_eq!(
+        after.requests - before.requests,
+        sent,
+        "{label}/paired: requests lost"
+    );
     assert_eq!(
         after.connections - before.connections,
         1,
@@ -425,10 +429,17 @@ fn bench_h1(c: &mut Criterion, fx: &Fixture<'_>) {
         done.fetch_add(iters, Ordering::Relaxed);
         common::hit::one_task(fx.rt, iters, |_| ours_request(&http, &peer))
     });
-    checked_variant(&mut group, fx, "h1/1_task", "hyper_per_request", &done, |iters| {
-        done.fetch_add(iters, Ordering::Relaxed);
-        common::hit::one_task(fx.rt, iters, |_| hyper_per_request(&pool, &peer))
-    });
+    checked_variant(
+        &mut group,
+        fx,
+        "h1/1_task",
+        "hyper_per_request",
+        &done,
+        |iters| {
+            done.fetch_add(iters, Ordering::Relaxed);
+            common::hit::one_task(fx.rt, iters, |_| hyper_per_request(&pool, &peer))
+        },
+    );
     checked_variant(&mut group, fx, "h1/1_task", "hyper_kept", &done, |iters| {
         done.fetch_add(iters, Ordering::Relaxed);
         let kept = &mut kept;

@@ -138,9 +138,7 @@ pub(crate) fn run_if_child() {
         "http" => {
             let chain = std::env::var_os(CHAIN_ENV).expect("certificate chain path");
             let key = std::env::var_os(KEY_ENV).expect("private key path");
-            super::http_upstream::serve(listener, chain.as_ref(), key.as_ref(), || {
-                announce(port)
-            })
+            super::http_upstream::serve(listener, chain.as_ref(), key.as_ref(), || announce(port))
         }
         other => panic!("unknown child upstream mode {other:?}"),
     }

@@ -193,8 +193,8 @@ pub(crate) async fn client_tls(
     ca: &[openssl::x509::X509],
     alpn: &[u8],
 ) -> SslStream<tokio::net::TcpStream> {
-    let mut b = openssl::ssl::SslConnector::builder(SslMethod::tls_client())
-        .expect("client builder");
+    let mut b =
+        openssl::ssl::SslConnector::builder(SslMethod::tls_client()).expect("client builder");
     for c in ca {
         b.cert_store_mut().add_cert(c.clone()).expect("add CA");
     }
@@ -203,9 +203,7 @@ pub(crate) async fn client_tls(
     // bare baselines make two or three reads per record and look slower than they are.
     b.set_read_ahead(true);
     let connector = b.build();
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     tcp.set_nodelay(true).expect("nodelay");
     let ssl = connector
         .configure()

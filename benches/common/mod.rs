@@ -265,5 +265,8 @@ pub(crate) fn paired(
             names[v], names[0]
         );
     }
-    eprintln!("[{label}] paired: median per operation: {}", per_op.join(", "));
+    eprintln!(
+        "[{label}] paired: median per operation: {}",
+        per_op.join(", ")
+    );
 }

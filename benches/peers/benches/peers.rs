@@ -430,9 +430,14 @@ where
 }
 
 fn bench_h2(c: &mut Criterion) {
-    if !["h2/1_task", "h2/16_tasks", "h2/1_task/paired", "h2/16_tasks/paired"]
-        .iter()
-        .any(|n| common::selected(n))
+    if ![
+        "h2/1_task",
+        "h2/16_tasks",
+        "h2/1_task/paired",
+        "h2/16_tasks/paired",
+    ]
+    .iter()
+    .any(|n| common::selected(n))
     {
         return;
     }
@@ -474,9 +479,14 @@ fn bench_h2(c: &mut Criterion) {
         fx.ours().await;
         fx.pingora().await;
     });
-    let stats = |rt: &Runtime| rt.block_on(common::http_upstream::stats(upstream.addr(), &pki.ca_a()));
+    let stats =
+        |rt: &Runtime| rt.block_on(common::http_upstream::stats(upstream.addr(), &pki.ca_a()));
     for tasks in [1, H2_TASKS] {
-        let name = if tasks == 1 { "h2/1_task" } else { "h2/16_tasks" };
+        let name = if tasks == 1 {
+            "h2/1_task"
+        } else {
+            "h2/16_tasks"
+        };
         if !common::selected(name) && !common::selected(&format!("{name}/paired")) {
             continue;
         }
@@ -487,16 +497,26 @@ fn bench_h2(c: &mut Criterion) {
         );
         let mut group = c.benchmark_group(name);
         group.bench_function("ours", |b| {
-            b.iter_custom(|iters| h2_split(&rt, &fx, iters, tasks, |fx| async move { fx.ours().await }))
+            b.iter_custom(|iters| {
+                h2_split(&rt, &fx, iters, tasks, |fx| async move { fx.ours().await })
+            })
         });
         group.bench_function("pingora", |b| {
             b.iter_custom(|iters| {
-                h2_split(&rt, &fx, iters, tasks, |fx| async move { fx.pingora().await })
+                h2_split(
+                    &rt,
+                    &fx,
+                    iters,
+                    tasks,
+                    |fx| async move { fx.pingora().await },
+                )
             })
         });
         group.bench_function("pingora_checkout", |b| {
             b.iter_custom(|iters| {
-                h2_split(&rt, &fx, iters, tasks, |fx| async move { fx.pingora_checkout().await })
+                h2_split(&rt, &fx, iters, tasks, |fx| async move {
+                    fx.pingora_checkout().await
+                })
             })
         });
         group.finish();
