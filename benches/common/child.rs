@@ -33,6 +33,14 @@ pub(crate) enum Upstream {
         /// Private key PEM.
         key: PathBuf,
     },
+    /// TLS with ALPN (`h2`, else `http/1.1`): answers every request; see
+    /// [`super::http_upstream`].
+    Http {
+        /// Certificate chain PEM (leaf first).
+        chain: PathBuf,
+        /// Private key PEM.
+        key: PathBuf,
+    },
 }
 
 /// A running child upstream; dropping it kills the child.
@@ -56,6 +64,11 @@ impl ChildUpstream {
             }
             Upstream::TlsHold { chain, key } => {
                 cmd.env(CHILD_ENV, "tls-hold")
+                    .env(CHAIN_ENV, chain)
+                    .env(KEY_ENV, key);
+            }
+            Upstream::Http { chain, key } => {
+                cmd.env(CHILD_ENV, "http")
                     .env(CHAIN_ENV, chain)
                     .env(KEY_ENV, key);
             }
@@ -121,6 +134,11 @@ pub(crate) fn run_if_child() {
             let chain = std::env::var_os(CHAIN_ENV).expect("certificate chain path");
             let key = std::env::var_os(KEY_ENV).expect("private key path");
             tls_hold(listener, chain.into(), key.into(), port)
+        }
+        "http" => {
+            let chain = std::env::var_os(CHAIN_ENV).expect("certificate chain path");
+            let key = std::env::var_os(KEY_ENV).expect("private key path");
+            super::http_upstream::serve(listener, chain.as_ref(), key.as_ref(), || announce(port))
         }
         other => panic!("unknown child upstream mode {other:?}"),
     }

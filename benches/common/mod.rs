@@ -5,6 +5,7 @@
 //!   runs that need more sockets than one process may open.
 //! - [`hit`]: the pool hit path under test (`Connector::get` + `Connector::release`) with every
 //!   feature that costs something switched on, and a two-thread driver.
+//! - [`http_upstream`]: an HTTP/2 and HTTP/1.1 upstream (TLS, ALPN) for the child process.
 //! - [`tls`]: an in-process OpenSSL upstream on its own thread, answering one fixed HTTP
 //!   response per request.
 //! - [`certs`]: the test suite's throw-away PKI (`tests/support/certs.rs`, included as is).
@@ -19,6 +20,7 @@
 pub(crate) mod certs;
 pub(crate) mod child;
 pub(crate) mod hit;
+pub(crate) mod http_upstream;
 pub(crate) mod tls;
 
 use std::sync::OnceLock;
@@ -210,4 +212,61 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Rounds of a paired comparison ([`paired`]): `UPSTREAM_POOL_BENCH_ROUNDS`, else `default`.
+pub(crate) fn paired_rounds(default: usize) -> usize {
+    std::env::var("UPSTREAM_POOL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(default)
+}
+
+/// Runs the `variants` (each `f(n)` does `n` operations and returns the time they took) in
+/// `rounds` rounds of `batch` operations each, the order rotating from round to round so all
+/// see the same machine load, and prints, for each variant after the first, the median and
+/// quartiles of its per-round time divided by the first variant's, and every variant's median
+/// time per operation. Steadier than separate criterion estimates on this shared machine, whose
+/// load moves a variant's figure by tens of percent from one minute to the next.
+pub(crate) fn paired(
+    label: &str,
+    rounds: usize,
+    batch: u64,
+    names: &[&str],
+    variants: &mut [&mut dyn FnMut(u64) -> std::time::Duration],
+) {
+    assert_eq!(names.len(), variants.len());
+    let k = variants.len();
+    let mut times = vec![Vec::with_capacity(rounds); k];
+    for round in 0..rounds {
+        for i in 0..k {
+            let v = (round + i) % k;
+            let took = variants[v](batch);
+            times[v].push(took.as_secs_f64());
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() / 4], v[v.len() * 3 / 4])
+    };
+    let per_op: Vec<String> = (0..k)
+        .map(|v| {
+            let (m, _, _) = median(times[v].clone());
+            format!("{} {:.2} us", names[v], m * 1e6 / batch as f64)
+        })
+        .collect();
+    for v in 1..k {
+        let ratios: Vec<f64> = (0..rounds).map(|r| times[v][r] / times[0][r]).collect();
+        let (m, q1, q3) = median(ratios);
+        eprintln!(
+            "[{label}] paired: {}/{} median {m:.3} (quartiles {q1:.3}..{q3:.3}) over {rounds} \
+             rounds of {batch}",
+            names[v], names[0]
+        );
+    }
+    eprintln!(
+        "[{label}] paired: median per operation: {}",
+        per_op.join(", ")
+    );
 }

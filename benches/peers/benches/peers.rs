@@ -58,6 +58,7 @@ fn main() {
         bench_pingora_connector(&mut group, threads, keys);
         group.finish();
     }
+    bench_h2(&mut c);
     c.final_summary();
 }
 
@@ -283,4 +284,270 @@ fn bench_pingora_connector(
         fx.reuses.load(Ordering::Relaxed),
         fx.misses.load(Ordering::Relaxed)
     );
+}
+
+// ------------------------------------------------------------------------------- HTTP/2
+//
+// One whole request on an HTTP/2 connection that is already open, ours against Pingora's
+// `connectors::http::v2::Connector`, to the child-process HTTP upstream of
+// `../common/http_upstream.rs` (TLS 1.3, ALPN h2, `GET /` answered with a 2-byte body):
+//
+// - `ours`: `HttpConnector::send` + the body collected (our public API has no checkout on
+//   its own: `send` picks a stream, sends, and the body's end gives the stream back).
+// - `pingora`: `reused_http_session` + `write_request_header` + `read_response_header` +
+//   `read_response_body` to the end + `release_http_session` (10 min idle timeout, as ours), with
+//   `new_http_session` when `reused_http_session` finds nothing, as `get_http_session` would.
+// - `pingora_checkout`: `reused_http_session` + `release_http_session` alone, for reference:
+//   the part of `pingora`'s request that is its connector's.
+//
+// After each group, a paired run (`<group>/paired`: the three alternating in rounds, see
+// `common::paired`) prints the median per-round ratios pingora / ours and
+// pingora_checkout / ours.
+//
+// Timing: CPU time of the benchmark thread (current-thread runtime: the h2 connection tasks
+// of both, Pingora's idle-watch tasks, all run on it). `1_task`: one request after the
+// other; `16_tasks`: sixteen tasks at once on the same connection (Pingora peer and ours
+// both allow 100 streams per connection).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use pingora_core::connectors::http::v2::Connector as PingoraH2;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::protocols::http::v2::client::Http2Session;
+use pingora_core::protocols::ALPN;
+use pingora_http::RequestHeader;
+use upstream_pool::http::HttpConnector;
+
+/// Requests in flight together in the `16_tasks` cases.
+const H2_TASKS: u64 = 16;
+/// Idle timeout of the HTTP/2 connections, ours and Pingora's.
+const H2_IDLE: Duration = Duration::from_secs(600);
+
+struct H2Fixture {
+    ours: HttpConnector,
+    our_peer: upstream_pool::Peer,
+    pingora: PingoraH2,
+    pingora_peer: HttpPeer,
+    pingora_reuses: AtomicU64,
+    pingora_misses: AtomicU64,
+}
+
+impl H2Fixture {
+    async fn ours(&self) {
+        let req = http::Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = self.ours.send(&self.our_peer, req).await.expect("send");
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes().len(), 2);
+    }
+
+    async fn pingora_session(&self) -> Http2Session {
+        match self
+            .pingora
+            .reused_http_session(&self.pingora_peer)
+            .await
+            .expect("reused_http_session")
+        {
+            Some(s) => {
+                self.pingora_reuses.fetch_add(1, Ordering::Relaxed);
+                s
+            }
+            None => {
+                self.pingora_misses.fetch_add(1, Ordering::Relaxed);
+                match self
+                    .pingora
+                    .new_http_session::<_, ()>(&self.pingora_peer)
+                    .await
+                    .expect("new_http_session")
+                {
+                    HttpSession::H2(s) => s,
+                    _ => panic!("Pingora did not get an HTTP/2 session"),
+                }
+            }
+        }
+    }
+
+    async fn pingora(&self) {
+        let mut session = self.pingora_session().await;
+        let mut req = RequestHeader::build("GET", b"/", None).expect("request header");
+        req.insert_header("host", "localhost").expect("host");
+        session
+            .write_request_header(Box::new(req), true)
+            .expect("write_request_header");
+        session
+            .read_response_header()
+            .await
+            .expect("read_response_header");
+        assert_eq!(
+            session.response_header().map(|h| h.status.as_u16()),
+            Some(200)
+        );
+        let mut len = 0;
+        while let Some(data) = session
+            .read_response_body()
+            .await
+            .expect("read_response_body")
+        {
+            len += data.len();
+        }
+        assert_eq!(len, 2);
+        self.pingora
+            .release_http_session(session, &self.pingora_peer, Some(H2_IDLE));
+    }
+
+    async fn pingora_checkout(&self) {
+        let session = self.pingora_session().await;
+        self.pingora
+            .release_http_session(session, &self.pingora_peer, Some(H2_IDLE));
+    }
+}
+
+/// `iters` calls of `op` split over `tasks` tasks; CPU time of this thread.
+fn h2_split<F, Fut>(rt: &Runtime, fx: &Arc<H2Fixture>, iters: u64, tasks: u64, op: F) -> Duration
+where
+    F: Fn(Arc<H2Fixture>) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    rt.block_on(async {
+        let start = hit::thread_cpu_time();
+        let mut set = JoinSet::new();
+        for t in 0..tasks {
+            let n = iters / tasks + u64::from(t < iters % tasks);
+            let fx = Arc::clone(fx);
+            set.spawn(async move {
+                for _ in 0..n {
+                    op(Arc::clone(&fx)).await;
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.expect("task");
+        }
+        hit::thread_cpu_time() - start
+    })
+}
+
+fn bench_h2(c: &mut Criterion) {
+    if ![
+        "h2/1_task",
+        "h2/16_tasks",
+        "h2/1_task/paired",
+        "h2/16_tasks/paired",
+    ]
+    .iter()
+    .any(|n| common::selected(n))
+    {
+        return;
+    }
+    let pki = common::certs::TestPki::new();
+    let dir = common::certs_dir();
+    let files = pki
+        .server
+        .write_pem(dir.path(), "server")
+        .expect("write the server certificate");
+    let upstream = ChildUpstream::spawn(&Upstream::Http {
+        chain: files.chain,
+        key: files.key,
+    })
+    .expect("child upstream");
+    let rt = hit::current_thread();
+    // Default options but a 10-minute idle timeout on both sides: one side's connection sits
+    // idle while the other is measured, and must not be closed for it.
+    let mut options = upstream_pool::ConnectorOptions::default();
+    options.idle_timeout = H2_IDLE;
+    let ours = HttpConnector::new(upstream_pool::Connector::new(options).expect("connector"));
+    let our_peer = upstream_pool::Peer::tls(upstream.addr(), "localhost")
+        .with_ca(pki.ca_a())
+        .with_alpn(upstream_pool::Alpn::H2);
+    let mut pingora_peer = HttpPeer::new(upstream.addr(), true, "localhost".to_string());
+    pingora_peer.options.alpn = ALPN::H2;
+    pingora_peer.options.ca = Some(Arc::new(pki.ca_a().into_boxed_slice()));
+    // Pingora's default is 1 stream per connection; ours is 100.
+    pingora_peer.options.max_h2_streams = 100;
+    let fx = Arc::new(H2Fixture {
+        ours,
+        our_peer,
+        pingora: PingoraH2::new(None),
+        pingora_peer,
+        pingora_reuses: AtomicU64::new(0),
+        pingora_misses: AtomicU64::new(0),
+    });
+    // One connection each, opened before timing.
+    rt.block_on(async {
+        fx.ours().await;
+        fx.pingora().await;
+    });
+    let stats =
+        |rt: &Runtime| rt.block_on(common::http_upstream::stats(upstream.addr(), &pki.ca_a()));
+    for tasks in [1, H2_TASKS] {
+        let name = if tasks == 1 {
+            "h2/1_task"
+        } else {
+            "h2/16_tasks"
+        };
+        if !common::selected(name) && !common::selected(&format!("{name}/paired")) {
+            continue;
+        }
+        let before = stats(&rt);
+        let (reuses, misses) = (
+            fx.pingora_reuses.load(Ordering::Relaxed),
+            fx.pingora_misses.load(Ordering::Relaxed),
+        );
+        let mut group = c.benchmark_group(name);
+        group.bench_function("ours", |b| {
+            b.iter_custom(|iters| {
+                h2_split(&rt, &fx, iters, tasks, |fx| async move { fx.ours().await })
+            })
+        });
+        group.bench_function("pingora", |b| {
+            b.iter_custom(|iters| {
+                h2_split(
+                    &rt,
+                    &fx,
+                    iters,
+                    tasks,
+                    |fx| async move { fx.pingora().await },
+                )
+            })
+        });
+        group.bench_function("pingora_checkout", |b| {
+            b.iter_custom(|iters| {
+                h2_split(&rt, &fx, iters, tasks, |fx| async move {
+                    fx.pingora_checkout().await
+                })
+            })
+        });
+        group.finish();
+        if common::selected(&format!("{name}/paired")) {
+            let batch = 500 * tasks.min(4);
+            common::paired(
+                name,
+                common::paired_rounds(21),
+                batch,
+                &["ours", "pingora", "pingora_checkout"],
+                &mut [
+                    &mut |n| h2_split(&rt, &fx, n, tasks, |fx| async move { fx.ours().await }),
+                    &mut |n| h2_split(&rt, &fx, n, tasks, |fx| async move { fx.pingora().await }),
+                    &mut |n| {
+                        h2_split(&rt, &fx, n, tasks, |fx| async move {
+                            fx.pingora_checkout().await
+                        })
+                    },
+                ],
+            );
+        }
+        let after = stats(&rt);
+        eprintln!(
+            "[{name}] server saw {} requests and {} new connections (1 of them for /stats); \
+             Pingora: {} sessions reused, {} not found (new_http_session)",
+            after.requests - before.requests,
+            after.connections - before.connections,
+            fx.pingora_reuses.load(Ordering::Relaxed) - reuses,
+            fx.pingora_misses.load(Ordering::Relaxed) - misses,
+        );
+    }
+    drop(fx);
+    drop(rt);
 }
