@@ -73,6 +73,12 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub(crate) json: bool,
 
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the embedded upstream announces on HTTP/2
+    /// connections (only without --target). Defaults to 128, so `-c 16` and `-c 64` fit on
+    /// one connection.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) embedded_max_streams: Option<u32>,
+
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9000) while running.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<SocketAddr>,

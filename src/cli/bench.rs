@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use upstream_pool::{Connector, ConnectorOptions, Peer};
 
 use super::args::BenchArgs;
-use super::embedded_server::EmbeddedServer;
+use super::embedded_server::{self, EmbeddedServer};
 use super::load::{self, Plan};
 use super::report::{self, Comparison, RunInfo};
 use super::stats::RunStats;
@@ -61,6 +61,12 @@ const COMPARE: [Mode; 3] = [
 /// `Usage` for flags that do not fit together, unreadable files, an unusable
 /// `--metrics-addr`; `Failed` when the upstream cannot be reached or no request succeeded.
 pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
+    if args.target.is_some() && args.embedded_max_streams.is_some() {
+        return Err(CliError::Usage(
+            "--embedded-max-streams applies to the embedded upstream only (not with --target)"
+                .into(),
+        ));
+    }
     if args.target.is_none() {
         let flags = args.tls.target_only_flags();
         if !flags.is_empty() {
@@ -123,11 +129,18 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
             resume: mode.resume,
             elapsed: Duration::ZERO,
             interrupted: false,
+            server: None,
         };
+        let seen_before = upstream.embedded.as_ref().map(EmbeddedServer::seen);
         let outcome = load::run(plan, info_mode.mode(), interrupt.clone(), args.json).await;
         let info = RunInfo {
             elapsed: outcome.elapsed,
             interrupted: outcome.interrupted,
+            server: upstream
+                .embedded
+                .as_ref()
+                .zip(seen_before)
+                .map(|(server, before)| server.seen().since(before)),
             ..info_mode
         };
         results.push((info, outcome.stats));
@@ -186,7 +199,10 @@ fn connector(mode: Mode, concurrency: u32) -> Result<Connector, CliError> {
 
 /// Starts the embedded upstream and checks that a connection to it works.
 async fn embedded(args: &BenchArgs) -> Result<Upstream, CliError> {
-    let server = EmbeddedServer::start().map_err(CliError::Failed)?;
+    let max_streams = args
+        .embedded_max_streams
+        .unwrap_or(embedded_server::DEFAULT_MAX_STREAMS);
+    let server = EmbeddedServer::start(max_streams).map_err(CliError::Failed)?;
     let settings = TlsSettings::trusting(server.ca().clone(), args.tls.alpn);
     let target = Target {
         host: server.addr().ip().to_string(),

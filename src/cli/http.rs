@@ -1,6 +1,5 @@
 //! Just enough HTTP/1.1 framing for `bench`: write a `GET /`, read one response to its exact
-//! end (so the connection can go back to the pool in sync), and, for the embedded upstream,
-//! read requests.
+//! end (so the connection can go back to the pool in sync).
 //!
 //! Bodies are counted and discarded, never stored: a large static file must not grow the
 //! buffer. The parser is strict about framing (a byte left over after a response means the
@@ -38,13 +37,6 @@ pub(crate) struct Response {
     /// Whether the connection may carry another request: HTTP/1.1 without `Connection:
     /// close`, or HTTP/1.0 with `Connection: keep-alive`, and a body not delimited by EOF.
     pub(crate) keep_alive: bool,
-}
-
-/// What the embedded upstream needs to know about a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Request {
-    /// The client asked to close after this exchange.
-    pub(crate) close: bool,
 }
 
 /// Why an exchange failed.
@@ -99,7 +91,7 @@ where
     };
     loop {
         let head = wire.until(b"\r\n\r\n", MAX_HEAD).await?;
-        let head = parse_head(&wire.buf[head], HeadKind::Response)?;
+        let head = parse_head(&wire.buf[head])?;
         let status = head.status;
         // 101 would switch protocols; we never ask for it, so treat it as final.
         if (100..200).contains(&status) && status != 101 {
@@ -131,50 +123,6 @@ where
             status,
             keep_alive: keep_alive && !delimited_by_eof,
         });
-    }
-}
-
-/// Reads requests from one connection, keeping bytes that arrived early (pipelining) for the
-/// next call.
-#[derive(Debug, Default)]
-pub(crate) struct RequestReader {
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl RequestReader {
-    /// Reads the next request, discarding its body; `Ok(None)` when the client closed the
-    /// connection between requests.
-    ///
-    /// # Errors
-    /// [`HttpError::Closed`] when it closed mid-request, [`HttpError::Malformed`] for a head
-    /// that is not HTTP/1.x or too large.
-    ///
-    /// # Cancel safety
-    /// Not cancel safe (a partial request is lost); the caller drops the connection instead.
-    pub(crate) async fn next<R>(&mut self, reader: &mut R) -> Result<Option<Request>, HttpError>
-    where
-        R: AsyncRead + Unpin,
-    {
-        let mut wire = Wire {
-            reader,
-            buf: &mut self.buf,
-            pos: self.pos,
-        };
-        if wire.pos == wire.buf.len() && wire.fill().await? == 0 {
-            return Ok(None);
-        }
-        let head = wire.until(b"\r\n\r\n", MAX_HEAD).await?;
-        let head = parse_head(&wire.buf[head], HeadKind::Request)?;
-        match head.body(0) {
-            Body::None | Body::UntilEof => {}
-            Body::Length(n) => wire.skip(n).await?,
-            Body::Chunked => wire.skip_chunked().await?,
-        }
-        self.pos = wire.pos;
-        Ok(Some(Request {
-            close: !head.keep_alive,
-        }))
     }
 }
 
@@ -284,12 +232,6 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, HttpError> {
     u64::from_str_radix(digits, 16).map_err(|_| bad())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeadKind {
-    Request,
-    Response,
-}
-
 /// How a message body is delimited (RFC 9112 section 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Body {
@@ -301,51 +243,41 @@ enum Body {
 
 #[derive(Debug)]
 struct Head {
-    /// Status code for a response; 0 for a request.
+    /// Status code.
     status: u16,
     keep_alive: bool,
     content_length: Option<u64>,
     chunked: bool,
-    kind: HeadKind,
 }
 
 impl Head {
     fn body(&self, status: u16) -> Body {
-        if self.kind == HeadKind::Response
-            && ((100..200).contains(&status) || status == 204 || status == 304)
-        {
+        if (100..200).contains(&status) || status == 204 || status == 304 {
             return Body::None;
         }
         if self.chunked {
             return Body::Chunked;
         }
-        match (self.content_length, self.kind) {
-            (Some(n), _) => Body::Length(n),
-            // A request without framing headers has no body; a response reads to EOF.
-            (None, HeadKind::Request) => Body::None,
-            (None, HeadKind::Response) => Body::UntilEof,
+        match self.content_length {
+            Some(n) => Body::Length(n),
+            // A response without framing headers reads to EOF.
+            None => Body::UntilEof,
         }
     }
 }
 
-fn parse_head(head: &[u8], kind: HeadKind) -> Result<Head, HttpError> {
+fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
     let text = std::str::from_utf8(head)
         .map_err(|_| HttpError::Malformed("message head is not UTF-8".into()))?;
     let mut lines = text.split("\r\n");
     let first = lines.next().unwrap_or_default();
-    let (version, status) = match kind {
-        HeadKind::Response => {
-            let mut parts = first.splitn(3, ' ');
-            let version = parts.next().unwrap_or_default();
-            let status = parts
-                .next()
-                .and_then(|s| s.parse::<u16>().ok())
-                .filter(|s| (100..1000).contains(s))
-                .ok_or_else(|| HttpError::Malformed(format!("bad status line {first:?}")))?;
-            (version, status)
-        }
-        HeadKind::Request => (first.rsplit(' ').next().unwrap_or_default(), 0),
-    };
+    let mut parts = first.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    let status = parts
+        .next()
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|s| (100..1000).contains(s))
+        .ok_or_else(|| HttpError::Malformed(format!("bad status line {first:?}")))?;
     let http11 = match version {
         "HTTP/1.1" => true,
         "HTTP/1.0" => false,
@@ -356,7 +288,6 @@ fn parse_head(head: &[u8], kind: HeadKind) -> Result<Head, HttpError> {
         keep_alive: http11,
         content_length: None,
         chunked: false,
-        kind,
     };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -474,27 +405,6 @@ mod tests {
             response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").await,
             Err(HttpError::Malformed(_))
         ));
-    }
-
-    #[tokio::test]
-    async fn pipelined_requests() {
-        let mut input: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
-            POST /x HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody\
-            GET / HTTP/1.1\r\nConnection: close\r\n\r\n";
-        let mut reader = RequestReader::default();
-        assert_eq!(
-            reader.next(&mut input).await.unwrap(),
-            Some(Request { close: false })
-        );
-        assert_eq!(
-            reader.next(&mut input).await.unwrap(),
-            Some(Request { close: false })
-        );
-        assert_eq!(
-            reader.next(&mut input).await.unwrap(),
-            Some(Request { close: true })
-        );
-        assert_eq!(reader.next(&mut input).await.unwrap(), None);
     }
 
     #[tokio::test]

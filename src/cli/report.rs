@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::embedded_server::SeenSnapshot;
 use super::stats::RunStats;
 
 /// What was run, for the report header.
@@ -26,6 +27,8 @@ pub(crate) struct RunInfo {
     pub(crate) elapsed: Duration,
     /// Stopped early by Ctrl-C.
     pub(crate) interrupted: bool,
+    /// What the embedded upstream observed during the run; `None` with `--target`.
+    pub(crate) server: Option<SeenSnapshot>,
 }
 
 impl RunInfo {
@@ -149,6 +152,14 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
     if !non_ok.is_empty() {
         let _ = writeln!(out, "  non-2xx      {}", non_ok.join(", "));
     }
+    if let Some(seen) = &info.server {
+        let _ = writeln!(
+            out,
+            "  server saw   {} connections ({} HTTP/2), {} requests, at most {} in flight on one \
+             connection",
+            seen.connections, seen.h2_connections, seen.requests, seen.max_streams
+        );
+    }
     let errors = if stats.errors.is_empty() {
         "none".to_string()
     } else {
@@ -225,6 +236,12 @@ pub(crate) fn json(info: &RunInfo, stats: &RunStats) -> Value {
             "resumed_mean_us": stats.resumed_handshakes.mean_us(),
         },
         "tls": negotiated,
+        "embedded_server": info.server.map(|seen| json!({
+            "connections": seen.connections,
+            "h2_connections": seen.h2_connections,
+            "requests": seen.requests,
+            "max_streams_per_connection": seen.max_streams,
+        })),
     })
 }
 
