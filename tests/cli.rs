@@ -112,6 +112,15 @@ async fn bench_with_reuse_reuses_almost_every_connection() {
     let ratio = v["reuse_ratio"].as_f64().unwrap();
     assert!(ratio > 0.9, "reuse ratio {ratio}: {v}");
     assert_eq!(v["statuses"]["200"], v["requests"]);
+    assert_eq!(v["protocol"], "HTTP/1.1", "{v}");
+    assert_eq!(
+        v["streams_per_connection"]["max"].as_f64(),
+        Some(1.0),
+        "{v}"
+    );
+    let seen = &v["embedded_server"];
+    assert_eq!(seen["connections"], v["connections_opened"], "{v}");
+    assert_eq!(seen["max_streams_per_connection"], 1, "{v}");
     let opened = v["connections_opened"].as_u64().unwrap();
     assert!(
         (1..=16).contains(&opened),
@@ -142,7 +151,20 @@ async fn bench_without_reuse_opens_a_connection_per_request_and_resumes() {
     assert_eq!(v["reuse_ratio"].as_f64(), Some(0.0), "{v}");
     assert_eq!(v["reused_checkouts"], 0, "{v}");
     assert!(v["requests"].as_u64().unwrap() > 10, "{v}");
-    assert_eq!(v["connections_opened"], v["checkouts"], "{v}");
+    // Exact: one per connection the server accepted (the preflight connection is not part
+    // of the run), and one per checkout plus at most one dial per worker abandoned at the
+    // deadline.
+    assert_eq!(
+        v["connections_opened"], v["embedded_server"]["connections"],
+        "{v}"
+    );
+    let opened = v["connections_opened"].as_u64().unwrap();
+    let checkouts = v["checkouts"].as_u64().unwrap();
+    assert!(
+        (checkouts..=checkouts + 16).contains(&opened),
+        "{opened} connections opened for {checkouts} checkouts: {v}"
+    );
+    assert_eq!(v["protocol"], "HTTP/1.1", "{v}");
     // Resumption still applies to the fresh connections.
     let hs = &v["handshakes"];
     assert!(

@@ -10,6 +10,7 @@ use upstream_pool::{Connector, ConnectorOptions, Peer};
 use super::args::BenchArgs;
 use super::embedded_server::{self, EmbeddedServer};
 use super::load::{self, Plan};
+use super::observe;
 use super::report::{self, Comparison, RunInfo};
 use super::stats::RunStats;
 use super::target::{connect_first, Target, TlsSettings};
@@ -80,13 +81,24 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
     // Read files before starting anything, so a typo fails fast with exit code 2.
     let settings = TlsSettings::load(&args.tls)?;
 
-    if let Some(addr) = args.metrics_addr {
-        // Before any connector exists: metric handles are resolved when a peer's pool is
-        // first used, and handles resolved without a recorder stay no-ops.
-        PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| CliError::Usage(format!("cannot serve metrics on {addr}: {e}")))?;
+    // Before any connector exists: metric handles are resolved when a peer's pool is first
+    // used, and handles resolved without a recorder stay no-ops.
+    let prometheus = match args.metrics_addr {
+        Some(addr) => {
+            let (recorder, exporter) = PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .build()
+                .map_err(|e| CliError::Usage(format!("cannot serve metrics on {addr}: {e}")))?;
+            tokio::spawn(async move {
+                // It serves until the runtime shuts down; an error ends only the exporter.
+                let _ = exporter.await;
+            });
+            Some(recorder)
+        }
+        None => None,
+    };
+    observe::install(prometheus).map_err(CliError::Failed)?;
+    if args.metrics_addr.is_some() {
         upstream_pool::metrics::describe_metrics();
     }
 
@@ -132,6 +144,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
             server: None,
         };
         let seen_before = upstream.embedded.as_ref().map(EmbeddedServer::seen);
+        let handshakes_before = observe::taps().handshakes();
         let outcome = load::run(plan, info_mode.mode(), interrupt.clone(), args.json).await;
         let info = RunInfo {
             elapsed: outcome.elapsed,
@@ -143,7 +156,10 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
                 .map(|(server, before)| server.seen().since(before)),
             ..info_mode
         };
-        results.push((info, outcome.stats));
+        let mut stats = outcome.stats;
+        stats.handshakes = observe::taps().handshakes().since(handshakes_before);
+        stats.negotiated = observe::taps().negotiated().cloned();
+        results.push((info, stats));
         if outcome.interrupted {
             break;
         }

@@ -193,10 +193,12 @@ async fn exchange(shared: &Shared, stats: &mut RunStats, buf: &mut Vec<u8>) -> E
             return Exchange::CheckoutFailed;
         }
     };
-    stats.checkout(&conn);
+    stats.checkout(conn.reused());
     match request(&mut conn, &shared.request, buf).await {
         Ok(response) => {
-            stats.response(response.status, start.elapsed());
+            stats.response("HTTP/1.1", response.status, start.elapsed());
+            // One exchange at a time on an HTTP/1.1 connection.
+            stats.streams_per_connection(1, 1);
             if shared.reuse && response.keep_alive {
                 shared.connector.release(conn);
             } else {

@@ -10,6 +10,7 @@ mod embedded_pki;
 mod embedded_server;
 mod http;
 mod load;
+mod observe;
 mod probe;
 mod progress;
 mod report;

@@ -83,6 +83,18 @@ fn percentiles(stats: &RunStats) -> [u64; 4] {
     ]
 }
 
+/// Requests in flight per connection: the mean and the largest sample (zeros without
+/// samples).
+fn streams(stats: &RunStats) -> (f64, f64) {
+    if stats.streams_samples == 0 {
+        return (0.0, 0.0);
+    }
+    (
+        stats.streams_sum / stats.streams_samples as f64,
+        stats.streams_max,
+    )
+}
+
 fn mean_or_dash(us: Option<f64>) -> String {
     us.map_or_else(|| "-".to_string(), |us| format!("{us:.0} us"))
 }
@@ -127,6 +139,7 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
         out,
         "  latency      p50 {p50} us, p90 {p90} us, p99 {p99} us, max {max} us"
     );
+    let (streams_mean, streams_max) = streams(stats);
     let _ = writeln!(
         out,
         "  connections  {} opened, reuse ratio {:.3} ({} of {} checkouts reused)",
@@ -137,11 +150,16 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
     );
     let _ = writeln!(
         out,
+        "  protocol     {}, streams per connection mean {streams_mean:.1}, max {streams_max:.1}",
+        stats.protocol()
+    );
+    let _ = writeln!(
+        out,
         "  handshakes   {} full (mean {}), {} resumed (mean {})",
-        stats.full_handshakes.count,
-        mean_or_dash(stats.full_handshakes.mean_us()),
-        stats.resumed_handshakes.count,
-        mean_or_dash(stats.resumed_handshakes.mean_us()),
+        stats.handshakes.full,
+        mean_or_dash(stats.handshakes.full_mean_us()),
+        stats.handshakes.resumed,
+        mean_or_dash(stats.handshakes.resumed_mean_us()),
     );
     let non_ok: Vec<String> = stats
         .statuses
@@ -179,18 +197,19 @@ pub(crate) fn line(info: &RunInfo, stats: &RunStats) -> String {
     let [p50, _, p99, _] = percentiles(stats);
     format!(
         "{:<24} {:>9.1} req/s  p50 {:>6} us  p99 {:>6} us  {:>6} conns  reuse {:.3}  \
-         handshakes {} full ({}) / {} resumed ({})  errors {}",
+         handshakes {} full ({}) / {} resumed ({})  errors {}  {}",
         info.mode(),
         info.rate(stats),
         p50,
         p99,
         stats.connections_opened(),
         reuse_ratio(stats),
-        stats.full_handshakes.count,
-        mean_or_dash(stats.full_handshakes.mean_us()),
-        stats.resumed_handshakes.count,
-        mean_or_dash(stats.resumed_handshakes.mean_us()),
+        stats.handshakes.full,
+        mean_or_dash(stats.handshakes.full_mean_us()),
+        stats.handshakes.resumed,
+        mean_or_dash(stats.handshakes.resumed_mean_us()),
         stats.error_count(),
+        stats.protocol(),
     )
 }
 
@@ -211,6 +230,7 @@ pub(crate) fn json(info: &RunInfo, stats: &RunStats) -> Value {
         .iter()
         .map(|(status, n)| (status.to_string(), json!(n)))
         .collect();
+    let (streams_mean, streams_max) = streams(stats);
     json!({
         "target": info.target,
         "embedded": info.embedded,
@@ -229,11 +249,14 @@ pub(crate) fn json(info: &RunInfo, stats: &RunStats) -> Value {
         "reused_checkouts": stats.reused,
         "reuse_ratio": reuse_ratio(stats),
         "connections_opened": stats.connections_opened(),
+        "protocol": stats.protocol(),
+        "responses_by_protocol": stats.protocols,
+        "streams_per_connection": { "mean": streams_mean, "max": streams_max },
         "handshakes": {
-            "full": stats.full_handshakes.count,
-            "full_mean_us": stats.full_handshakes.mean_us(),
-            "resumed": stats.resumed_handshakes.count,
-            "resumed_mean_us": stats.resumed_handshakes.mean_us(),
+            "full": stats.handshakes.full,
+            "full_mean_us": stats.handshakes.full_mean_us(),
+            "resumed": stats.handshakes.resumed,
+            "resumed_mean_us": stats.handshakes.resumed_mean_us(),
         },
         "tls": negotiated,
         "embedded_server": info.server.map(|seen| json!({
@@ -276,8 +299,8 @@ impl Comparison<'_> {
     /// Mean full handshake time over mean resumed handshake time.
     fn handshake_speedup(&self) -> Option<f64> {
         ratio(
-            self.full.1.full_handshakes.mean_us()?,
-            self.resumed.1.resumed_handshakes.mean_us()?,
+            self.full.1.handshakes.full_mean_us()?,
+            self.resumed.1.handshakes.resumed_mean_us()?,
         )
     }
 
