@@ -34,6 +34,9 @@ use crate::stream::{Connection, SslDigest, Stream, TimingDigest};
 /// | `session_cache_size` | 1,024 |
 /// | `metrics_peer_label` | `false` |
 /// | `reap_interval` | 250 ms |
+/// | `max_h2_streams` | 100 |
+/// | `h2_ping_interval` | `None` (no PING keepalive) |
+/// | `h2_ping_timeout` | 20 s |
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConnectorOptions {
@@ -73,6 +76,20 @@ pub struct ConnectorOptions {
     /// How often the background reaper looks for expired or closed idle connections.
     /// Defaults to 250 ms, so a closed connection leaves the pool well within a second.
     pub reap_interval: Duration,
+    /// Concurrent requests (streams) per HTTP/2 connection of [`crate::http::HttpConnector`];
+    /// the limit used is the smaller of this and the server's SETTINGS_MAX_CONCURRENT_STREAMS.
+    /// Defaults to 100: RFC 9113 recommends servers allow at least 100, nginx and Go allow
+    /// 128 and 250, so 100 rarely lets a server refuse streams, and beyond about 100 a second
+    /// connection shares the load better than one connection's flow-control window.
+    pub max_h2_streams: usize,
+    /// Send an HTTP/2 PING on every connection this often and close it when the answer does
+    /// not come within `h2_ping_timeout`, to find dead upstreams (a silent network drop)
+    /// before a request does. Defaults to `None`: no PINGs, like hyper; streams still fail
+    /// when the kernel gives up on the socket.
+    pub h2_ping_interval: Option<Duration>,
+    /// How long to wait for the answer to a keepalive PING before closing the connection.
+    /// Defaults to 20 s (hyper's default); only used with `h2_ping_interval`.
+    pub h2_ping_timeout: Duration,
 }
 
 impl Default for ConnectorOptions {
@@ -90,6 +107,9 @@ impl Default for ConnectorOptions {
             session_cache_size: 1024,
             metrics_peer_label: false,
             reap_interval: Duration::from_millis(250),
+            max_h2_streams: 100,
+            h2_ping_interval: None,
+            h2_ping_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -101,6 +121,11 @@ impl ConnectorOptions {
             ("total_connection_timeout", self.total_connection_timeout),
             ("idle_timeout", self.idle_timeout),
             ("reap_interval", self.reap_interval),
+            ("h2_ping_timeout", self.h2_ping_timeout),
+            (
+                "h2_ping_interval",
+                self.h2_ping_interval.unwrap_or(Duration::MAX),
+            ),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -112,6 +137,11 @@ impl ConnectorOptions {
         if self.max_connections_per_peer == Some(0) {
             return Err(Error::config(
                 "ConnectorOptions::max_connections_per_peer must be at least 1 (or None for no cap)",
+            ));
+        }
+        if self.max_h2_streams == 0 {
+            return Err(Error::config(
+                "ConnectorOptions::max_h2_streams must be at least 1",
             ));
         }
         if self.max_uses == Some(0) {
@@ -138,6 +168,9 @@ struct Inner {
     options: ConnectorOptions,
     tls: TlsConnector,
     pool: Arc<Pool>,
+    /// The HTTP layer's per-key state (protocol learnt, shared HTTP/2 connections), here so
+    /// that every `HttpConnector` built from a clone of this connector shares it.
+    http: crate::http::Shared,
 }
 
 impl Connector {
@@ -159,7 +192,12 @@ impl Connector {
             peer_label: options.metrics_peer_label,
         }));
         Ok(Connector {
-            inner: Arc::new(Inner { options, tls, pool }),
+            inner: Arc::new(Inner {
+                options,
+                tls,
+                pool,
+                http: crate::http::Shared::default(),
+            }),
         })
     }
 
@@ -218,6 +256,48 @@ impl Connector {
             }
         }
         result
+    }
+
+    /// The HTTP layer's state shared by all clones of this connector.
+    pub(crate) fn http_shared(&self) -> &crate::http::Shared {
+        &self.inner.http
+    }
+
+    /// A connection that did not sit idle in the pool: a new dial, or, at
+    /// `max_connections_per_peer` and only when `queue`, whatever `get` would wait for there
+    /// (a freed slot to dial with, or a connection released just now, which has just finished
+    /// an exchange). `Ok(None)` at the cap when not `queue`.
+    ///
+    /// For the HTTP layer: an HTTP/1.1 retry after a pooled connection turned out dead, and
+    /// HTTP/2 connections, which are never pooled idle. Counted like `get`.
+    ///
+    /// # Cancel safety
+    /// As `get`.
+    pub(crate) async fn get_fresh(&self, peer: &Peer, queue: bool) -> Result<Option<Connection>> {
+        let key = peer.key()?;
+        let result = match self.inner.pool.reserve_dial(key, peer, queue) {
+            None => return Ok(None),
+            Some(Checkout::Dial(slot)) => self.dial_in_background(peer, key, slot).await,
+            Some(Checkout::Reused(conn)) => Ok(conn),
+            Some(Checkout::Wait(rx, key_pool)) => match self.wait(rx, &key_pool, peer).await {
+                Ok(Handoff::Slot(slot)) => self.dial_in_background(peer, key, slot).await,
+                Ok(Handoff::Conn(mut conn)) => {
+                    conn.mark_checked_out(true);
+                    conn.inner
+                        .lease
+                        .key_pool
+                        .metrics
+                        .checkout_reused
+                        .increment(1);
+                    Ok(conn)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = &result {
+            metrics::connect_error(e.kind(), self.peer_label(peer).as_deref());
+        }
+        result.map(Some)
     }
 
     fn peer_label(&self, peer: &Peer) -> Option<String> {

@@ -32,6 +32,22 @@ pub enum ErrorKind {
     PoolTimedout,
     /// A bug or an OpenSSL failure that is not the peer's fault.
     Internal,
+    /// An HTTP request that cannot be sent as given (`upstream_pool::http`): no usable
+    /// authority, a method the layer does not support, framing headers that contradict the
+    /// body. Nothing was sent.
+    InvalidRequest,
+    /// The upstream broke the HTTP protocol: a malformed response head or chunk, a response
+    /// head or header count over the limit, an HTTP/2 protocol error, garbage after ALPN
+    /// selected `h2`, or a server that did not select `h2` for a peer that requires it.
+    ProtocolError,
+    /// The upstream connection failed or closed after it was established, while the request
+    /// was sent or the response read (reset, EOF mid-response, HTTP/2 stream reset or a
+    /// stream the server refused). [`Error::retryable`] says whether the request may be sent
+    /// again.
+    UpstreamIo,
+    /// The caller's request body returned an error; the request was abandoned (the HTTP/1.1
+    /// connection closed, the HTTP/2 stream reset).
+    RequestBody,
 }
 
 impl ErrorKind {
@@ -47,11 +63,15 @@ impl ErrorKind {
             ErrorKind::InvalidConfig => "invalid_config",
             ErrorKind::PoolTimedout => "pool_timedout",
             ErrorKind::Internal => "internal",
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::ProtocolError => "protocol_error",
+            ErrorKind::UpstreamIo => "upstream_io",
+            ErrorKind::RequestBody => "request_body",
         }
     }
 
     /// Every kind, in declaration order (for tests and dashboards).
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectTimedout,
         ErrorKind::ConnectError,
@@ -61,6 +81,10 @@ impl ErrorKind {
         ErrorKind::InvalidConfig,
         ErrorKind::PoolTimedout,
         ErrorKind::Internal,
+        ErrorKind::InvalidRequest,
+        ErrorKind::ProtocolError,
+        ErrorKind::UpstreamIo,
+        ErrorKind::RequestBody,
     ];
 }
 
@@ -123,6 +147,19 @@ impl Error {
     pub(crate) fn with_transient(mut self) -> Self {
         self.inner.transient = true;
         self
+    }
+
+    /// A copy for another waiter on the same failure (HTTP/2 requests that shared one dial).
+    pub(crate) fn duplicate(&self) -> Error {
+        Error {
+            inner: Box::new(Inner {
+                kind: self.inner.kind,
+                context: self.inner.context.clone(),
+                peer: self.inner.peer.clone(),
+                reused: self.inner.reused,
+                transient: self.inner.transient,
+            }),
+        }
     }
 
     /// What kind of failure this is.
@@ -196,6 +233,10 @@ impl fmt::Display for Error {
             ErrorKind::InvalidConfig => "invalid config",
             ErrorKind::PoolTimedout => "pool wait timed out",
             ErrorKind::Internal => "internal error",
+            ErrorKind::InvalidRequest => "invalid request",
+            ErrorKind::ProtocolError => "upstream protocol error",
+            ErrorKind::UpstreamIo => "upstream i/o error",
+            ErrorKind::RequestBody => "request body error",
         };
         write!(f, "{what}")?;
         if let Some(peer) = &self.inner.peer {

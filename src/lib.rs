@@ -30,6 +30,7 @@
 mod connect;
 mod connector;
 mod error;
+pub mod http;
 mod key;
 pub mod metrics;
 mod peer;

@@ -29,8 +29,18 @@ pub const ACTIVE_CONNECTIONS: &str = "upstream_pool_active_connections";
 /// Histogram (seconds): time `get` spent waiting at the per-peer connection cap.
 pub const WAIT_DURATION: &str = "upstream_pool_wait_duration_seconds";
 
+/// Gauge: HTTP/2 streams (requests) in flight through `upstream_pool::http`.
+pub const H2_STREAMS_ACTIVE: &str = "upstream_h2_streams_active";
+/// Gauge: open HTTP/2 connections shared by `upstream_pool::http` (each also counts as one
+/// active pool connection).
+pub const H2_CONNECTIONS: &str = "upstream_h2_connections";
+/// Counter: HTTP/2 connections the upstream sent a GOAWAY on (counted once per connection).
+pub const H2_GOAWAY_TOTAL: &str = "upstream_h2_goaway_total";
+/// Histogram: requests served by each HTTP/2 connection, recorded when it closes.
+pub const HTTP_REQUESTS_PER_CONNECTION: &str = "upstream_http_requests_per_connection";
+
 /// Every metric name this crate records.
-pub const ALL_METRICS: [&str; 9] = [
+pub const ALL_METRICS: [&str; 13] = [
     CHECKOUTS_TOTAL,
     TCP_CONNECT_DURATION,
     TLS_HANDSHAKE_DURATION,
@@ -40,6 +50,10 @@ pub const ALL_METRICS: [&str; 9] = [
     IDLE_CONNECTIONS,
     ACTIVE_CONNECTIONS,
     WAIT_DURATION,
+    H2_STREAMS_ACTIVE,
+    H2_CONNECTIONS,
+    H2_GOAWAY_TOTAL,
+    HTTP_REQUESTS_PER_CONNECTION,
 ];
 
 /// Registers a description and unit for every metric with the installed recorder.
@@ -72,6 +86,37 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time spent waiting at the per-peer connection cap"
     );
+    describe_gauge!(H2_STREAMS_ACTIVE, "HTTP/2 streams in flight");
+    describe_gauge!(H2_CONNECTIONS, "Open shared HTTP/2 connections");
+    describe_counter!(
+        H2_GOAWAY_TOTAL,
+        "HTTP/2 connections the upstream sent GOAWAY on"
+    );
+    describe_histogram!(
+        HTTP_REQUESTS_PER_CONNECTION,
+        "Requests served by each HTTP/2 connection, recorded when it closes"
+    );
+}
+
+/// The HTTP layer's handles for one pool key (the optional `peer` label applied).
+#[derive(Debug)]
+pub(crate) struct HttpMetrics {
+    pub(crate) streams_active: Gauge,
+    pub(crate) connections: Gauge,
+    pub(crate) goaway: Counter,
+    pub(crate) requests_per_connection: Histogram,
+}
+
+impl HttpMetrics {
+    pub(crate) fn new(peer: Option<String>) -> HttpMetrics {
+        let base: Vec<Label> = peer.into_iter().map(|p| Label::new("peer", p)).collect();
+        HttpMetrics {
+            streams_active: gauge!(H2_STREAMS_ACTIVE, base.clone()),
+            connections: gauge!(H2_CONNECTIONS, base.clone()),
+            goaway: counter!(H2_GOAWAY_TOTAL, base.clone()),
+            requests_per_connection: histogram!(HTTP_REQUESTS_PER_CONNECTION, base),
+        }
+    }
 }
 
 /// Why the pool closed a connection instead of handing it out or keeping it.

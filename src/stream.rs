@@ -161,6 +161,11 @@ impl Connection {
         self.inner.digest.as_deref()
     }
 
+    /// The shared digest, for the HTTP layer's `UpstreamInfo` (no copy per request).
+    pub(crate) fn digest_arc(&self) -> Option<Arc<SslDigest>> {
+        self.inner.digest.clone()
+    }
+
     /// When and how fast the connection was established.
     pub fn timing(&self) -> &TimingDigest {
         &self.inner.timing

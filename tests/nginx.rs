@@ -9,17 +9,15 @@
 
 mod support;
 
-use std::fs::{self, File};
-use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use upstream_pool::{Alpn, CertKey, Connection, Connector, ConnectorOptions, Error, Peer};
 
 use support::certs::TestPki;
 use support::client::{http_get, HttpResponse};
+use support::nginx::{self as harness, Nginx};
 use support::{wait_until, TempDir};
 
 /// Number of `#[tokio::test]`s in this file, for the skip notice.
@@ -28,37 +26,9 @@ const NGINX_TESTS: usize = 10;
 /// Bound on every network step of a test, so a broken nginx fails instead of hanging.
 const STEP: Duration = Duration::from_secs(10);
 
-/// Finds the nginx binary: `$UPSTREAM_POOL_NGINX` if set (and then only it), else `$PATH`,
-/// then `/usr/sbin` (Debian's location, often not on a user's `PATH`). Returns `None` (after
-/// printing the skip notice) when there is none and nginx is not required; panics when
-/// `UPSTREAM_POOL_REQUIRE_NGINX=1`.
+/// The nginx binary, or `None` after the skip notice (`tests/support/nginx.rs`).
 fn nginx_or_skip() -> Option<PathBuf> {
-    let candidates: Vec<PathBuf> = match std::env::var_os("UPSTREAM_POOL_NGINX") {
-        Some(bin) => vec![PathBuf::from(bin)],
-        None => std::env::var_os("PATH")
-            .map(|p| {
-                std::env::split_paths(&p)
-                    .map(|dir| dir.join("nginx"))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-            .into_iter()
-            .chain(["/usr/sbin/nginx", "/usr/local/sbin/nginx"].map(PathBuf::from))
-            .collect(),
-    };
-    if let Some(found) = candidates.into_iter().find(|c| c.is_file()) {
-        return Some(found);
-    }
-    if std::env::var("UPSTREAM_POOL_REQUIRE_NGINX").as_deref() == Ok("1") {
-        panic!("nginx not installed but UPSTREAM_POOL_REQUIRE_NGINX=1: install it (apt-get install nginx)");
-    }
-    // Written to the real stderr, not through `eprintln!`, which the test harness captures.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n!!!!!! nginx not installed: {NGINX_TESTS} interop tests skipped \
-         (apt-get install nginx, or set UPSTREAM_POOL_REQUIRE_NGINX=1 to fail instead) !!!!!!\n"
-    );
-    None
+    harness::nginx_or_skip("interop", NGINX_TESTS)
 }
 
 /// The settings that differ between tests.
@@ -82,95 +52,14 @@ impl Default for NginxConf {
     }
 }
 
-/// A running nginx, killed (by PID) and its prefix removed on drop.
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-    // Declared last: removed after the process is gone.
-    dir: TempDir,
+/// Starts nginx (`tests/support/nginx.rs`) with this file's configuration.
+fn start(bin: &Path, conf: &NginxConf) -> Nginx {
+    Nginx::start(bin, |dir, port| config(dir, port, conf))
 }
 
-impl Nginx {
-    /// Starts nginx on a free loopback port and waits until it accepts connections. A port
-    /// taken between probing and nginx's bind is retried with another one.
-    fn start(bin: &Path, conf: &NginxConf) -> Nginx {
-        let mut last_log = String::new();
-        for _attempt in 0..8 {
-            let dir = TempDir::new("nginx").unwrap();
-            let port = free_port();
-            fs::write(dir.join("nginx.conf"), config(&dir, port, conf)).unwrap();
-            let stderr = File::create(dir.join("stderr.log")).unwrap();
-            let mut child = Command::new(bin)
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .arg("-c")
-                .arg(dir.join("nginx.conf"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let deadline = Instant::now() + STEP;
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    last_log = logs(&dir);
-                    if last_log.contains("Address already in use") {
-                        break; // someone took the port: next attempt
-                    }
-                    panic!("nginx exited with {status} at startup:\n{last_log}");
-                }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-                    return Nginx { child, addr, dir };
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "nginx did not accept on {addr} within {STEP:?}:\n{}",
-                        logs(&dir)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        panic!("could not start nginx on a free port after 8 attempts; last log:\n{last_log}");
-    }
-
-    /// The peer every test starts from: TLS with SNI `localhost`, trusting root A.
-    fn peer(&self) -> Peer {
-        Peer::tls(self.addr, "localhost").with_ca(TestPki::shared().ca_a())
-    }
-
-    fn logs(&self) -> String {
-        logs(&self.dir)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn logs(dir: &TempDir) -> String {
-    let read = |name| fs::read_to_string(dir.join(name)).unwrap_or_default();
-    format!(
-        "--- error.log\n{}--- stderr\n{}",
-        read("error.log"),
-        read("stderr.log")
-    )
-}
-
-/// A port that was free a moment ago: bind `127.0.0.1:0`, read it, close.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
+/// The peer every test starts from: TLS with SNI `localhost`, trusting root A.
+fn peer(nginx: &Nginx) -> Peer {
+    Peer::tls(nginx.addr(), "localhost").with_ca(TestPki::shared().ca_a())
 }
 
 /// nginx.conf for an unprivileged single-process nginx under `dir`. The body echoes, one per
@@ -290,9 +179,9 @@ fn connector_with(f: impl FnOnce(&mut ConnectorOptions)) -> Connector {
 #[tokio::test]
 async fn keepalive_reuses_one_nginx_connection() {
     let Some(bin) = nginx_or_skip() else { return };
-    let nginx = Nginx::start(&bin, &NginxConf::default());
+    let nginx = start(&bin, &NginxConf::default());
     let connector = connector_with(|_| {});
-    let peer = nginx.peer();
+    let peer = peer(&nginx);
 
     let mut conn = get(&connector, &peer).await;
     assert!(!conn.reused());
@@ -331,9 +220,9 @@ async fn keepalive_timeout_close_is_reaped() {
         keepalive_timeout: "1s",
         ..NginxConf::default()
     };
-    let nginx = Nginx::start(&bin, &conf);
+    let nginx = start(&bin, &conf);
     let connector = connector_with(|o| o.reap_interval = Duration::from_millis(100));
-    let peer = nginx.peer();
+    let peer = peer(&nginx);
 
     let mut conn = get(&connector, &peer).await;
     let first = request(&mut conn).await.unwrap();
@@ -368,9 +257,9 @@ async fn keepalive_timeout_close_is_caught_at_checkout() {
         keepalive_timeout: "1s",
         ..NginxConf::default()
     };
-    let nginx = Nginx::start(&bin, &conf);
+    let nginx = start(&bin, &conf);
     let connector = connector_with(|o| o.reap_interval = Duration::from_secs(3600));
-    let peer = nginx.peer();
+    let peer = peer(&nginx);
 
     let mut conn = get(&connector, &peer).await;
     let first = request(&mut conn).await.unwrap();
@@ -401,9 +290,9 @@ async fn keepalive_requests_limit_is_followed() {
         keepalive_requests: 3,
         ..NginxConf::default()
     };
-    let nginx = Nginx::start(&bin, &conf);
+    let nginx = start(&bin, &conf);
     let connector = connector_with(|_| {});
-    let peer = nginx.peer();
+    let peer = peer(&nginx);
 
     let mut seen = Vec::new();
     for i in 0..9u64 {
@@ -442,9 +331,9 @@ async fn connection_nginx_closes_after_limit_is_not_reused() {
         keepalive_requests: 1,
         ..NginxConf::default()
     };
-    let nginx = Nginx::start(&bin, &conf);
+    let nginx = start(&bin, &conf);
     let connector = connector_with(|o| o.reap_interval = Duration::from_millis(50));
-    let peer = nginx.peer();
+    let peer = peer(&nginx);
 
     let mut conn = get(&connector, &peer).await;
     let first = request(&mut conn).await.unwrap();
@@ -476,9 +365,9 @@ async fn keepalive_close_between_get_and_write_is_retryable() {
         keepalive_timeout: "1s",
         ..NginxConf::default()
     };
-    let nginx = Nginx::start(&bin, &conf);
+    let nginx = start(&bin, &conf);
     let connector = connector_with(|o| o.reap_interval = Duration::from_secs(3600));
-    let peer = nginx.peer();
+    let peer = peer(&nginx);
 
     let mut conn = get(&connector, &peer).await;
     let first = request(&mut conn).await.unwrap();
@@ -508,12 +397,12 @@ async fn keepalive_close_between_get_and_write_is_retryable() {
 #[tokio::test]
 async fn client_certificate_is_verified_by_nginx() {
     let Some(bin) = nginx_or_skip() else { return };
-    let nginx = Nginx::start(&bin, &NginxConf::default());
+    let nginx = start(&bin, &NginxConf::default());
     let pki = TestPki::shared();
     let connector = connector_with(|_| {});
-    let anonymous = nginx.peer();
+    let anonymous = peer(&nginx);
     let cert = CertKey::from_pem(&pki.client_a.chain_pem(), &pki.client_a.key_pem()).unwrap();
-    let mtls = nginx.peer().with_client_cert(cert);
+    let mtls = peer(&nginx).with_client_cert(cert);
 
     let mut conn = get(&connector, &anonymous).await;
     let plain = request(&mut conn).await.unwrap();
@@ -538,7 +427,7 @@ async fn client_certificate_is_verified_by_nginx() {
     // A certificate from an untrusted root: the handshake completes (optional) and nginx
     // refuses the request with 400.
     let untrusted = CertKey::from_pem(&pki.client_b.chain_pem(), &pki.client_b.key_pem()).unwrap();
-    let mut conn = get(&connector, &nginx.peer().with_client_cert(untrusted)).await;
+    let mut conn = get(&connector, &peer(&nginx).with_client_cert(untrusted)).await;
     let resp = tokio::time::timeout(STEP, http_get(&mut conn, "localhost"))
         .await
         .unwrap()
@@ -554,9 +443,9 @@ async fn check_resumption(bin: &Path, protocols: &'static str, version: &str) {
         protocols,
         ..NginxConf::default()
     };
-    let nginx = Nginx::start(bin, &conf);
+    let nginx = start(bin, &conf);
     let connector = connector_with(|_| {});
-    let peer = nginx.peer();
+    let peer = peer(&nginx);
 
     let mut conn = get(&connector, &peer).await;
     assert!(!conn.digest().unwrap().session_reused);
@@ -602,10 +491,10 @@ async fn tls12_session_resumption_seen_by_nginx() {
 #[tokio::test]
 async fn alpn_h2_is_negotiated_with_nginx() {
     let Some(bin) = nginx_or_skip() else { return };
-    let nginx = Nginx::start(&bin, &NginxConf::default());
+    let nginx = start(&bin, &NginxConf::default());
     let connector = connector_with(|_| {});
-    let h2h1 = nginx.peer().with_alpn(Alpn::H2H1);
-    let h1 = nginx.peer().with_alpn(Alpn::H1);
+    let h2h1 = peer(&nginx).with_alpn(Alpn::H2H1);
+    let h1 = peer(&nginx).with_alpn(Alpn::H1);
 
     let h2 = get(&connector, &h2h1).await;
     assert_eq!(h2.digest().unwrap().alpn.as_deref(), Some(&b"h2"[..]));

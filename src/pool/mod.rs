@@ -137,6 +137,22 @@ impl Pool {
         }
     }
 
+    /// Takes a slot for a new dial without looking at the idle list (a retry that must not
+    /// land on another connection that sat idle, an HTTP/2 connection, which is never
+    /// pooled). At `max_connections_per_peer` it queues like `checkout` when `queue`, else
+    /// returns `None`. Not on the hit path: `checkout` is untouched by it.
+    pub(crate) fn reserve_dial(&self, key: &PeerKey, peer: &Peer, queue: bool) -> Option<Checkout> {
+        // The map shard's lock is held while the slot is taken (see the module docs).
+        match self.keys.get(key) {
+            Some(key_pool) => key_pool.reserve_locked(self.limits.max_connections_per_peer, queue),
+            None => self
+                .keys
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                .reserve_locked(self.limits.max_connections_per_peer, queue),
+        }
+    }
+
     fn new_key_pool(&self, peer: &Peer) -> KeyPool {
         KeyPool {
             description: peer.describe(),
@@ -325,6 +341,22 @@ impl KeyPool {
         let (tx, rx) = oneshot::channel();
         state.waiters.push_back(tx);
         (Checkout::Wait(rx, Arc::clone(self)), expired)
+    }
+
+    /// Under this key's lock: take a slot, else queue (when `queue`), never an idle one.
+    fn reserve_locked(self: &Arc<Self>, cap: Option<usize>, queue: bool) -> Option<Checkout> {
+        let mut state = self.state.lock();
+        if cap.is_none_or(|cap| state.total < cap) {
+            state.total += 1;
+            return Some(Checkout::Dial(Slot::taken(Arc::clone(self))));
+        }
+        if !queue {
+            return None;
+        }
+        state.waiters.retain(|w| !w.is_closed());
+        let (tx, rx) = oneshot::channel();
+        state.waiters.push_back(tx);
+        Some(Checkout::Wait(rx, Arc::clone(self)))
     }
 
     fn is_unused(&self) -> bool {

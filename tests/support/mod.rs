@@ -9,10 +9,15 @@
 //!   ([`server::TestServer`]).
 //! - [`client`]: a plain tokio-openssl client and a tiny HTTP/1.1 reader, for driving test
 //!   servers (or streams handed out by the pool) without `upstream_pool`.
+//! - [`nginx`]: a real nginx under a temporary prefix ([`nginx::Nginx`]) and the
+//!   skip-unless-required rule.
 //! - [`s_server`]: an `openssl s_server` child process ([`s_server::SServer`]).
 //! - [`chaos`]: a randomly misbehaving TLS upstream for load and soak tests
 //!   ([`chaos::ChaosServer`]).
 //! - [`client_hello`]: the SNI of a raw ClientHello (what test servers report as SNI).
+//! - [`h2_server`]: an in-process HTTP/2 and HTTP/1.1 server ([`h2_server::HttpServer`],
+//!   HTTP/1.1 framing in [`h1_server`]) recording connections, streams in flight, resets and
+//!   every request, for the `upstream_pool::http` suites.
 //! - Here: [`TempDir`], [`open_fds`] and [`wait_for_open_fds`].
 //!
 //! Items are `pub(crate)` (not `pub`) because the crate lints `unreachable_pub`, and there are
@@ -27,6 +32,9 @@ pub(crate) mod certs;
 pub(crate) mod chaos;
 pub(crate) mod client;
 pub(crate) mod client_hello;
+pub(crate) mod h1_server;
+pub(crate) mod h2_server;
+pub(crate) mod nginx;
 pub(crate) mod s_server;
 pub(crate) mod server;
 

@@ -1,0 +1,161 @@
+//! Writing an HTTP/1.1 request (RFC 9112): the head, then the body framed by
+//! `content-length` or chunked, streamed frame by frame.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::Bytes;
+use http_body::Body;
+use tokio::io::AsyncWriteExt;
+
+use crate::http::request::{Framing, Prepared};
+use crate::stream::Connection;
+
+/// Data frames up to this size are copied behind what is pending (the head, a chunk size
+/// line) so that both go out in one TLS record; larger ones are written as they are.
+const COALESCE_MAX: usize = 8 * 1024;
+
+/// Why writing a request stopped.
+pub(super) enum WriteError {
+    /// The connection failed.
+    Io(std::io::Error),
+    /// The caller's body failed, or produced more or fewer bytes than its content-length.
+    Body(String),
+}
+
+/// The request head, into `out`.
+pub(super) fn head(req: &Prepared, out: &mut Vec<u8>) {
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(req.authority.as_str().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // Header values cannot hold CR or LF (`HeaderValue` refuses them), so nothing the caller
+    // supplies can split the head.
+    for (name, value) in &req.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match req.framing {
+        Framing::Empty if req.announces_empty_body() => {
+            out.extend_from_slice(b"content-length: 0\r\n")
+        }
+        Framing::Empty => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if req.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `pending` (the head) and then the body, as its frames arrive.
+///
+/// A frame that is ready at once goes out with what is pending; when the body makes us wait,
+/// what is pending is written first, so the server is never kept from the head by a slow
+/// body.
+pub(super) async fn write<B>(
+    conn: &mut Connection,
+    mut pending: Vec<u8>,
+    framing: Framing,
+    mut body: Option<Pin<Box<B>>>,
+) -> Result<(), WriteError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut sent: u64 = 0;
+    if let (Some(body), true) = (body.as_mut(), framing != Framing::Empty) {
+        loop {
+            // The caller's error type need not be `Send`; convert it before any await.
+            let mut next = |cx: &mut std::task::Context<'_>| {
+                body.as_mut()
+                    .poll_frame(cx)
+                    .map(|f| f.map(|r| r.map_err(|e| e.into().to_string())))
+            };
+            let frame = match poll_fn(|cx| Poll::Ready(next(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    flush_pending(conn, &mut pending).await?;
+                    poll_fn(&mut next).await
+                }
+            };
+            let frame = match frame {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Err(WriteError::Body(e)),
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), framing) {
+                        // The last chunk carries the trailer section (RFC 9112 §7.1.2).
+                        pending.extend_from_slice(b"0\r\n");
+                        for (name, value) in &trailers {
+                            pending.extend_from_slice(name.as_str().as_bytes());
+                            pending.extend_from_slice(b": ");
+                            pending.extend_from_slice(value.as_bytes());
+                            pending.extend_from_slice(b"\r\n");
+                        }
+                        pending.extend_from_slice(b"\r\n");
+                        conn.write_all(&pending).await.map_err(WriteError::Io)?;
+                        return conn.flush().await.map_err(WriteError::Io);
+                    }
+                    // Trailers cannot follow a content-length body; HTTP/1.1 drops them.
+                    continue;
+                }
+            };
+            if frame.is_empty() {
+                continue;
+            }
+            sent += frame.len() as u64;
+            if let Framing::Length(n) = framing {
+                if sent > n {
+                    return Err(WriteError::Body(format!(
+                        "the body is longer than its content-length {n}"
+                    )));
+                }
+            }
+            if framing == Framing::Chunked {
+                pending.extend_from_slice(format!("{:X}\r\n", frame.len()).as_bytes());
+            }
+            if frame.len() <= COALESCE_MAX {
+                pending.extend_from_slice(&frame);
+            } else {
+                flush_pending(conn, &mut pending).await?;
+                conn.write_all(&frame).await.map_err(WriteError::Io)?;
+            }
+            if framing == Framing::Chunked {
+                pending.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    match framing {
+        Framing::Length(n) if sent != n => {
+            return Err(WriteError::Body(format!(
+                "the body ended after {sent} of its content-length {n} bytes"
+            )))
+        }
+        Framing::Chunked => pending.extend_from_slice(b"0\r\n\r\n"),
+        _ => {}
+    }
+    flush_pending(conn, &mut pending).await?;
+    conn.flush().await.map_err(WriteError::Io)
+}
+
+async fn flush_pending(conn: &mut Connection, pending: &mut Vec<u8>) -> Result<(), WriteError> {
+    if !pending.is_empty() {
+        conn.write_all(pending).await.map_err(WriteError::Io)?;
+        pending.clear();
+    }
+    Ok(())
+}

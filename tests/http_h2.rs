@@ -1,0 +1,488 @@
+//! `upstream_pool::http` over HTTP/2 against an in-process `h2` server
+//! (`tests/support/h2_server.rs`): shared connections, the stream limit (ours and the
+//! server's), `max_connections_per_peer` counting connections, GOAWAY without failed
+//! requests, bodies both ways, and protocol selection by ALPN. Every case asserts on what the
+//! server observed (connections, streams in flight, requests per connection).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Empty};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use tokio::sync::Barrier;
+use upstream_pool::http::{HttpConnector, UpstreamInfo};
+use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, ErrorKind, Peer};
+
+use support::certs::TestPki;
+use support::h2_server::{pattern, sha256_hex, HttpServer, Proto};
+use support::wait_until;
+
+/// Bound on every request, so a hang fails the test instead of stalling the suite.
+const STEP: Duration = Duration::from_secs(5);
+
+fn http_with(configure: impl FnOnce(&mut ConnectorOptions)) -> HttpConnector {
+    let mut options = ConnectorOptions::default();
+    configure(&mut options);
+    HttpConnector::new(Connector::new(options).unwrap())
+}
+
+fn peer(server: &HttpServer, alpn: Alpn) -> Peer {
+    Peer::tls(server.addr(), "localhost")
+        .with_ca(TestPki::shared().ca_a())
+        .with_alpn(alpn)
+}
+
+fn get(path: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get(path).body(Empty::new()).unwrap()
+}
+
+/// What a test keeps of a response: head, whole body, and the [`UpstreamInfo`] fields.
+#[derive(Debug)]
+struct Got {
+    parts: http::response::Parts,
+    body: Bytes,
+    reused: bool,
+    retried: bool,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> &str {
+        self.parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.parts))
+    }
+
+    fn conn_id(&self) -> usize {
+        self.header("x-conn-id").parse().unwrap()
+    }
+}
+
+/// Sends `req` and reads the whole body, bounded by [`STEP`].
+async fn send<B>(http: &HttpConnector, peer: &Peer, req: http::Request<B>) -> Result<Got, Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::time::timeout(STEP, async {
+        let resp = http.send(peer, req).await?;
+        let (parts, body) = resp.into_parts();
+        let info = parts
+            .extensions
+            .get::<UpstreamInfo>()
+            .expect("response without UpstreamInfo");
+        let (reused, retried, version) = (info.reused, info.retried, info.version);
+        assert_eq!(version, parts.version, "UpstreamInfo::version vs response");
+        let body = body.collect().await?.to_bytes();
+        Ok(Got {
+            parts,
+            body,
+            reused,
+            retried,
+        })
+    })
+    .await
+    .expect("request timed out")
+}
+
+/// Runs `n` copies of `GET path` at once (released together by a barrier) and returns the
+/// results in task order.
+async fn concurrent(
+    http: &HttpConnector,
+    peer: &Peer,
+    n: usize,
+    path: &'static str,
+) -> Vec<Result<Got, Error>> {
+    let barrier = Arc::new(Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (http, peer, barrier) = (http.clone(), peer.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                send(&http, &peer, get(path)).await
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("request task panicked"));
+    }
+    out
+}
+
+fn all_ok(results: Vec<Result<Got, Error>>) -> Vec<Got> {
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| format!("{:?}: {e}", e.kind()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    results.into_iter().map(Result::unwrap).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_first_requests_share_one_connection() {
+    let server = HttpServer::builder()
+        .delay(Duration::from_millis(50))
+        .start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+
+    let started = Instant::now();
+    let got = all_ok(concurrent(&http, &peer, 50, "/").await);
+    let elapsed = started.elapsed();
+    for g in &got {
+        assert_eq!(g.parts.status, 200);
+        assert_eq!(g.parts.version, http::Version::HTTP_2);
+        assert_eq!(g.header("x-proto"), "h2");
+        assert_eq!(
+            g.header("x-authority"),
+            "localhost",
+            "authority from the SNI"
+        );
+        assert_eq!(g.conn_id(), 0);
+        assert_eq!(
+            g.body,
+            format!("conn=0 req={}\n", g.header("x-req-n")).as_bytes()
+        );
+    }
+    let stats = server.wait_for(|s| s.answered == 50).await;
+    assert_eq!(
+        stats.accepted, 1,
+        "concurrent first requests dialled more than once: {stats:#?}"
+    );
+    assert!(
+        stats.max_in_flight() > 1,
+        "requests were serialised: {stats:#?}"
+    );
+    // Serial would take 50 × 50 ms.
+    assert!(
+        elapsed < Duration::from_millis(1250),
+        "50 requests took {elapsed:?}"
+    );
+    assert_eq!(http.connector().connection_count_for(&peer), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stream_limit_spreads_slow_requests_over_more_connections() {
+    let delay = Duration::from_millis(100);
+    let server = HttpServer::builder()
+        .max_concurrent_streams(4)
+        .delay(delay)
+        .start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+
+    let started = Instant::now();
+    let got = all_ok(concurrent(&http, &peer, 40, "/").await);
+    let elapsed = started.elapsed();
+    assert!(got.iter().all(|g| g.parts.version == http::Version::HTTP_2));
+    let stats = server.wait_for(|s| s.answered == 40).await;
+    assert!(
+        stats.max_in_flight() <= 4,
+        "more than SETTINGS_MAX_CONCURRENT_STREAMS=4 streams on one connection: {stats:#?}"
+    );
+    assert!(
+        (10..=14).contains(&stats.accepted),
+        "expected about 40 / 4 = 10 connections, server saw {}: {stats:#?}",
+        stats.accepted
+    );
+    // Serial: 4 s. Ten connections of four streams: one delay plus the handshakes.
+    assert!(
+        elapsed < 10 * delay,
+        "40 requests took {elapsed:?} (serial would be {:?})",
+        40 * delay
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_h2_streams_below_the_server_limit_is_honoured() {
+    let server = HttpServer::builder()
+        .max_concurrent_streams(100)
+        .delay(Duration::from_millis(80))
+        .start();
+    let http = http_with(|o| o.max_h2_streams = 3);
+    let peer = peer(&server, Alpn::H2);
+
+    all_ok(concurrent(&http, &peer, 12, "/").await);
+    let stats = server.wait_for(|s| s.answered == 12).await;
+    assert!(
+        stats.max_in_flight() <= 3,
+        "max_h2_streams = 3 not honoured: {stats:#?}"
+    );
+    assert!(
+        (4..=6).contains(&stats.accepted),
+        "expected about 12 / 3 = 4 connections, server saw {}: {stats:#?}",
+        stats.accepted
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_per_peer_counts_connections() {
+    let server = HttpServer::builder()
+        .max_concurrent_streams(4)
+        .delay(Duration::from_millis(50))
+        .start();
+    let http = http_with(|o| {
+        o.max_connections_per_peer = Some(2);
+        o.wait_timeout = Duration::from_secs(4);
+    });
+    let peer = peer(&server, Alpn::H2);
+
+    all_ok(concurrent(&http, &peer, 40, "/").await);
+    let stats = server.wait_for(|s| s.answered == 40).await;
+    assert!(
+        stats.accepted <= 2,
+        "max_connections_per_peer = 2 but the server saw {} connections: {stats:#?}",
+        stats.accepted
+    );
+    assert!(stats.max_in_flight() <= 4, "{stats:#?}");
+    assert!(http.connector().connection_count_for(&peer) <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_a_full_connection_times_out_the_wait() {
+    let server = HttpServer::builder().max_concurrent_streams(1).start();
+    let wait = Duration::from_millis(100);
+    let http = http_with(|o| {
+        o.max_connections_per_peer = Some(1);
+        o.wait_timeout = wait;
+    });
+    let peer = peer(&server, Alpn::H2);
+
+    // Learn the server's limit of one stream, then hold that stream open.
+    send(&http, &peer, get("/")).await.unwrap();
+    let held = tokio::time::timeout(STEP, http.send(&peer, get("/stall")))
+        .await
+        .unwrap()
+        .unwrap();
+    server.wait_for(|s| s.in_flight() == 1).await;
+
+    let started = Instant::now();
+    let err = send(&http, &peer, get("/"))
+        .await
+        .expect_err("a second stream at the connection cap and stream limit succeeded");
+    let waited = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::PoolTimedout, "{err}");
+    assert!(
+        waited >= wait && waited < wait + Duration::from_millis(900),
+        "failed after {waited:?}, wait_timeout {wait:?}"
+    );
+    let stats = server.stats();
+    assert_eq!(stats.accepted, 1, "{stats:#?}");
+    assert_eq!(
+        stats.requests(),
+        2,
+        "the timed-out request reached the server"
+    );
+
+    // The stream is freed by dropping the held response; the next request uses it.
+    drop(held);
+    server.wait_for(|s| s.in_flight() == 0).await;
+    let g = send(&http, &peer, get("/")).await.unwrap();
+    assert_eq!(g.conn_id(), 0);
+    assert!(g.reused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_every_seven_requests_fails_no_sequential_request() {
+    let server = HttpServer::builder().goaway_after(7).start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+
+    let mut failed = Vec::new();
+    for i in 0..60 {
+        match send(&http, &peer, get("/")).await {
+            Ok(g) => assert_eq!(
+                g.body,
+                format!("conn={} req={}\n", g.conn_id(), g.header("x-req-n")).as_bytes()
+            ),
+            Err(e) => failed.push(format!("request {i}: {:?}: {e}", e.kind())),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "requests failed across GOAWAY: {failed:?}"
+    );
+    let stats = server.stats();
+    assert_eq!(stats.answered, 60, "{stats:#?}");
+    assert!(
+        stats.accepted >= 6,
+        "GOAWAY after 7 requests, yet 60 requests used only {} connections",
+        stats.accepted
+    );
+    assert!(stats.conns.iter().filter(|c| c.goaway_sent).count() >= 5);
+    // Drained connections leave the pool once their streams end: at most the newest, not
+    // yet rotated, connection stays.
+    let left = wait_until(STEP, || http.connector().connection_count_for(&peer) <= 1).await;
+    assert!(
+        left,
+        "drained connections still counted: {}",
+        http.connector().connection_count_for(&peer)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_every_five_requests_fails_no_concurrent_request() {
+    let server = HttpServer::builder()
+        .goaway_after(5)
+        .delay(Duration::from_millis(5))
+        .start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, peer) = (http.clone(), peer.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                for _ in 0..5 {
+                    results.push(send(&http, &peer, get("/")).await);
+                }
+                results
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.extend(t.await.unwrap());
+    }
+    assert_eq!(results.len(), 100);
+    all_ok(results);
+    let stats = server.stats();
+    assert_eq!(stats.answered, 100, "{stats:#?}");
+    assert!(
+        stats.accepted >= 5,
+        "GOAWAY after 5 requests, yet 100 requests used only {} connections",
+        stats.accepted
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_request_body_and_large_response_body_arrive_intact() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|_| {});
+    let peer = peer(&server, Alpn::H2);
+
+    // Request body from a channel, unknown length, written while the request is in flight.
+    let (mut tx, body) = Channel::<Bytes, std::convert::Infallible>::new(4);
+    let upload = pattern(300_000);
+    let writer = {
+        let upload = upload.clone();
+        tokio::spawn(async move {
+            for piece in upload.chunks(7_000) {
+                tx.send_data(Bytes::copy_from_slice(piece)).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let req = http::Request::post("/upload").body(body).unwrap();
+    let g = send(&http, &peer, req).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(g.parts.version, http::Version::HTTP_2);
+    assert_eq!(g.header("x-req-body-len"), "300000");
+    assert_eq!(g.header("x-req-body-sha256"), sha256_hex(&upload));
+
+    // A 5 MiB response body, larger than any flow-control window.
+    let size = 5 * 1024 * 1024;
+    let req = http::Request::get("/big")
+        .header("x-body-size", size)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let g = send(&http, &peer, req).await.unwrap();
+    assert_eq!(g.body.len(), size);
+    assert!(g.body == pattern(size), "response body damaged");
+    assert_eq!(g.conn_id(), 0);
+    let stats = server.stats();
+    assert_eq!(stats.accepted, 1);
+    assert_eq!(stats.log[0].body_len, 300_000);
+}
+
+#[test]
+fn requests_on_an_existing_connection_are_reused() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let server = HttpServer::builder().start();
+            let http = http_with(|_| {});
+            let peer = peer(&server, Alpn::H2);
+            for i in 0..5 {
+                let g = send(&http, &peer, get("/")).await.unwrap();
+                assert_eq!(g.conn_id(), 0);
+                assert_eq!(g.header("x-req-n"), (i + 1).to_string());
+                assert_eq!(g.reused, i > 0, "UpstreamInfo::reused on request {i}");
+                assert!(!g.retried);
+            }
+            assert_eq!(server.stats().accepted, 1);
+        })
+    });
+    let counter = |outcome: &str| -> u64 {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| {
+                k.key().name() == upstream_pool::metrics::CHECKOUTS_TOTAL
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "outcome" && l.value() == outcome)
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(c) => c,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(counter("new"), 1, "checkouts_total{{outcome=new}}");
+    assert_eq!(counter("reused"), 4, "checkouts_total{{outcome=reused}}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_selects_the_protocol() {
+    // Alpn::H2H1 against a server preferring h2: HTTP/2.
+    let h2_server = HttpServer::builder().h2_then_h1().start();
+    let http = http_with(|_| {});
+    let p = peer(&h2_server, Alpn::H2H1);
+    for _ in 0..2 {
+        let g = send(&http, &p, get("/")).await.unwrap();
+        assert_eq!(g.parts.version, http::Version::HTTP_2);
+        assert_eq!(g.header("x-proto"), "h2");
+    }
+    // Alpn::H1 against the same server: HTTP/1.1.
+    let p = peer(&h2_server, Alpn::H1);
+    let g = send(&http, &p, get("/")).await.unwrap();
+    assert_eq!(g.parts.version, http::Version::HTTP_11);
+    assert_eq!(g.header("x-proto"), "http/1.1");
+    let stats = h2_server.stats();
+    assert_eq!(stats.accepted, 2, "{stats:#?}");
+    assert_eq!(stats.conns[0].proto, Some(Proto::H2));
+    assert_eq!(stats.conns[1].proto, Some(Proto::H1));
+
+    // Alpn::H2H1 against an HTTP/1.1-only server: the server's choice, HTTP/1.1, also for
+    // the requests after the first (the protocol is remembered per key).
+    let h1_server = HttpServer::builder().h1_only().start();
+    let p = peer(&h1_server, Alpn::H2H1);
+    for n in 1..=3 {
+        let g = send(&http, &p, get("/")).await.unwrap();
+        assert_eq!(g.parts.version, http::Version::HTTP_11);
+        assert_eq!(g.body, format!("conn=0 req={n}\n").as_bytes());
+    }
+    let stats = h1_server.stats();
+    assert_eq!(stats.accepted, 1);
+    assert_eq!(stats.conns[0].alpn.as_deref(), Some(&b"http/1.1"[..]));
+}
