@@ -21,8 +21,10 @@ pub(crate) struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Send keep-alive `GET /` requests for a while and summarise latency, reuse and
-    /// handshakes. Without --target, an embedded TLS upstream on 127.0.0.1 is started.
+    /// Send `GET /` requests through `upstream_pool::http` (HTTP/1.1 keep-alive, or HTTP/2
+    /// streams with --alpn h2) for a while and summarise latency, reuse, streams per
+    /// connection and handshakes. Without --target, an embedded TLS upstream (HTTP/2 and
+    /// HTTP/1.1) on 127.0.0.1 is started.
     Bench(BenchArgs),
     /// Open one connection and print what was negotiated (like `openssl s_client`).
     Probe(ProbeArgs),
@@ -55,8 +57,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, short = 'n', value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) requests: Option<u64>,
 
-    /// `on`: return each connection to the pool after its response; `off`: a fresh
-    /// connection per request.
+    /// `on`: return each HTTP/1.1 connection to the pool after its response; `off`: a fresh
+    /// connection per request (HTTP/1.1 only: an HTTP/2 connection is shared by design).
     #[arg(long, value_enum, default_value_t = Switch::On, conflicts_with = "compare")]
     pub(crate) reuse: Switch,
 

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::sync::watch;
+use upstream_pool::http::HttpConnector;
 use upstream_pool::{Connector, ConnectorOptions, Peer};
 
-use super::args::BenchArgs;
+use super::args::{AlpnArg, BenchArgs, Switch};
 use super::embedded_server::{self, EmbeddedServer};
 use super::load::{self, Plan};
 use super::observe;
@@ -78,6 +79,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
             )));
         }
     }
+    if matches!(args.tls.alpn, Some(AlpnArg::H2)) && (args.reuse == Switch::Off || args.compare) {
+        return Err(CliError::Usage(
+            "--reuse off and --compare need HTTP/1.1 (--alpn h1 or no --alpn): an HTTP/2 \
+             connection is shared by many requests by design"
+                .into(),
+        ));
+    }
     // Read files before starting anything, so a typo fails fast with exit code 2.
     let settings = TlsSettings::load(&args.tls)?;
 
@@ -125,10 +133,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
     let mut results: Vec<(RunInfo, RunStats)> = Vec::with_capacity(modes.len());
     for mode in modes {
         let plan = Plan {
-            connector: connector(mode, args.concurrency)?,
+            http: HttpConnector::new(connector(mode, args.concurrency)?),
             peer: upstream.peer.clone(),
             host: upstream.host.clone(),
-            reuse: mode.reuse,
             concurrency: args.concurrency,
             duration,
             requests: args.requests,
@@ -210,6 +217,11 @@ fn connector(mode: Mode, concurrency: u32) -> Result<Connector, CliError> {
     if !mode.resume {
         options.session_cache_size = 0;
     }
+    if !mode.reuse {
+        // One request per HTTP/1.1 connection: the pool closes it when the response body
+        // ends instead of keeping it.
+        options.max_uses = Some(1);
+    }
     Connector::new(options).map_err(|e| CliError::Failed(format!("cannot create connector: {e}")))
 }
 
@@ -267,13 +279,7 @@ async fn external(
 async fn preflight(settings: &TlsSettings, target: &Target, sni: &str) -> Result<Peer, CliError> {
     let connector = Connector::new(ConnectorOptions::default())
         .map_err(|e| CliError::Failed(format!("cannot create connector: {e}")))?;
-    let (peer, conn) = connect_first(&connector, settings, target, sni).await?;
-    if conn.digest().and_then(|d| d.alpn.as_deref()) == Some(b"h2".as_slice()) {
-        return Err(CliError::Usage(
-            "the upstream selected h2, but bench speaks HTTP/1.1; use --alpn h1 or no --alpn"
-                .into(),
-        ));
-    }
+    let (peer, _conn) = connect_first(&connector, settings, target, sni).await?;
     Ok(peer)
 }
 

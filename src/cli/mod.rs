@@ -8,7 +8,6 @@ mod args;
 mod bench;
 mod embedded_pki;
 mod embedded_server;
-mod http;
 mod load;
 mod observe;
 mod probe;

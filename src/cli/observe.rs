@@ -115,6 +115,12 @@ impl Taps {
         }
     }
 
+    /// Connections checked out of a pool right now (an HTTP/2 connection counts for its
+    /// whole life; an HTTP/1.1 one while it carries a request).
+    pub(crate) fn active_connections(&self) -> u64 {
+        u64::try_from(self.active.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
     /// What the first handshake negotiated.
     pub(crate) fn negotiated(&self) -> Option<&Negotiated> {
         self.negotiated.get()
