@@ -26,16 +26,15 @@ pub enum ErrorKind {
     TlsHandshakeTimedout,
     /// The server's certificate failed verification: untrusted chain, expired, wrong host.
     InvalidCert,
-    /// A setting supplied by the caller is unusable: bad PEM, unknown curve, bad SNI, ...
+    /// A setting supplied by the caller is unusable: bad PEM, unknown curve, bad SNI, ...;
+    /// also an HTTP request that cannot be sent as given (`upstream_pool::http`: no usable
+    /// authority, `CONNECT`, framing headers that contradict the body), before anything
+    /// was sent.
     InvalidConfig,
     /// `get` waited `wait_timeout` at the per-peer connection cap without getting a slot.
     PoolTimedout,
     /// A bug or an OpenSSL failure that is not the peer's fault.
     Internal,
-    /// An HTTP request that cannot be sent as given (`upstream_pool::http`): no usable
-    /// authority, a method the layer does not support, framing headers that contradict the
-    /// body. Nothing was sent.
-    InvalidRequest,
     /// The upstream broke the HTTP protocol: a malformed response head or chunk, a response
     /// head or header count over the limit, an HTTP/2 protocol error, garbage after ALPN
     /// selected `h2`, or a server that did not select `h2` for a peer that requires it.
@@ -63,7 +62,6 @@ impl ErrorKind {
             ErrorKind::InvalidConfig => "invalid_config",
             ErrorKind::PoolTimedout => "pool_timedout",
             ErrorKind::Internal => "internal",
-            ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::ProtocolError => "protocol_error",
             ErrorKind::UpstreamIo => "upstream_io",
             ErrorKind::RequestBody => "request_body",
@@ -71,7 +69,7 @@ impl ErrorKind {
     }
 
     /// Every kind, in declaration order (for tests and dashboards).
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectTimedout,
         ErrorKind::ConnectError,
@@ -81,7 +79,6 @@ impl ErrorKind {
         ErrorKind::InvalidConfig,
         ErrorKind::PoolTimedout,
         ErrorKind::Internal,
-        ErrorKind::InvalidRequest,
         ErrorKind::ProtocolError,
         ErrorKind::UpstreamIo,
         ErrorKind::RequestBody,
@@ -233,7 +230,6 @@ impl fmt::Display for Error {
             ErrorKind::InvalidConfig => "invalid config",
             ErrorKind::PoolTimedout => "pool wait timed out",
             ErrorKind::Internal => "internal error",
-            ErrorKind::InvalidRequest => "invalid request",
             ErrorKind::ProtocolError => "upstream protocol error",
             ErrorKind::UpstreamIo => "upstream i/o error",
             ErrorKind::RequestBody => "request body error",

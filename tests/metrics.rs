@@ -15,11 +15,15 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
 use openssl::ssl::SslVersion;
+use upstream_pool::http::HttpConnector;
 use upstream_pool::metrics::{
     ACTIVE_CONNECTIONS, ALL_METRICS, CHECKOUTS_TOTAL, CONNECT_ERRORS_TOTAL, EVICTIONS_TOTAL,
+    H2_CONNECTIONS, H2_GOAWAY_TOTAL, H2_STREAMS_ACTIVE, HTTP_REQUESTS_PER_CONNECTION,
     IDLE_CONNECTIONS, TCP_CONNECT_DURATION, TLS_HANDSHAKES_TOTAL, TLS_HANDSHAKE_DURATION,
     WAIT_DURATION,
 };
@@ -27,6 +31,7 @@ use upstream_pool::{Alpn, Connection, Connector, ConnectorOptions, ErrorKind, Pe
 
 use support::certs::TestPki;
 use support::client::http_get;
+use support::h2_server::HttpServer;
 use support::server::{AlpnPolicy, Behaviour, TestServer};
 
 fn pki() -> &'static TestPki {
@@ -475,9 +480,104 @@ fn every_metric_counts_exactly_the_events_it_describes() {
     assert_samples("wait", &waits, 1, WAIT_TIMEOUT.as_secs_f64());
     assert!(waits[0] >= 0.04, "waited {}", waits[0]);
 
-    // The code records exactly the documented set of names.
-    let documented: BTreeSet<String> = ALL_METRICS.iter().map(|s| s.to_string()).collect();
+    // The pool records exactly the documented set of names, except the HTTP layer's (see
+    // `http_metrics_count_streams_connections_and_goaways`).
+    let documented: BTreeSet<String> = ALL_METRICS
+        .iter()
+        .filter(|name| !HTTP_METRICS.contains(name))
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(r.names(), documented);
+}
+
+/// The metrics only `upstream_pool::http` records.
+const HTTP_METRICS: [&str; 4] = [
+    H2_STREAMS_ACTIVE,
+    H2_CONNECTIONS,
+    H2_GOAWAY_TOTAL,
+    HTTP_REQUESTS_PER_CONNECTION,
+];
+
+#[test]
+fn http_metrics_count_streams_connections_and_goaways() {
+    let recorder = DebuggingRecorder::new();
+    let mut recorded = Recorded::new(&recorder);
+    with_recorder(&recorder, || h2_scenario(&mut recorded, true));
+}
+
+fn get() -> http::Request<Empty<Bytes>> {
+    http::Request::get("/").body(Empty::new()).unwrap()
+}
+
+/// HTTP/2 through `upstream_pool::http` against a server that sends GOAWAY after three
+/// requests per connection: streams in flight, open connections, the GOAWAY, requests per
+/// connection, and checkouts (a stream on an existing connection is `reused`). `check`:
+/// assert the counts (only meaningful with a recorder of its own).
+async fn h2_scenario(recorded: &mut Recorded, check: bool) {
+    let server = HttpServer::builder().goaway_after(3).start();
+    let connector = Connector::new(ConnectorOptions::default()).unwrap();
+    let http = HttpConnector::new(connector.clone());
+    let peer = Peer::tls(server.addr(), "localhost")
+        .with_ca(pki().ca_a())
+        .with_alpn(Alpn::H2);
+
+    // Three requests on one connection; the first one's body held unread for a moment.
+    for i in 0..3 {
+        let response = http.send(&peer, get()).await.unwrap();
+        if i == 0 {
+            let r = recorded.refresh();
+            assert_eq!(r.gauge(H2_STREAMS_ACTIVE, &[]), 1.0);
+            assert_eq!(r.gauge(H2_CONNECTIONS, &[]), 1.0);
+        }
+        response.into_body().collect().await.unwrap();
+    }
+    // The server's GOAWAY closes the connection once its streams are done.
+    assert!(
+        support::wait_until(Duration::from_secs(5), || connector
+            .connection_count_for(&peer)
+            == 0)
+        .await
+    );
+    let stats = server.wait_for(|s| s.open == 0).await;
+    assert!(stats.conns[0].goaway_sent, "{stats:#?}");
+    let r = recorded.refresh();
+    assert_eq!(r.gauge(H2_CONNECTIONS, &[]), 0.0);
+    assert_eq!(r.counter(H2_GOAWAY_TOTAL, &[]), 1);
+    assert_eq!(r.histogram(HTTP_REQUESTS_PER_CONNECTION, &[]), vec![3.0]);
+
+    // A fourth request dials a second connection.
+    let response = http.send(&peer, get()).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let r = recorded.refresh();
+    assert_eq!(r.gauge(H2_STREAMS_ACTIVE, &[]), 0.0);
+    assert_eq!(r.gauge(H2_CONNECTIONS, &[]), 1.0);
+    if check {
+        assert_eq!(r.counter(CHECKOUTS_TOTAL, &[("outcome", "new")]), 2);
+        assert_eq!(r.counter(CHECKOUTS_TOTAL, &[("outcome", "reused")]), 2);
+    }
+    // Each HTTP/2 connection is one active pool connection for its whole life.
+    assert_eq!(r.gauge(ACTIVE_CONNECTIONS, &[]), 1.0);
+    assert_eq!(r.gauge(IDLE_CONNECTIONS, &[]), 0.0);
+    assert_eq!(server.stats().accepted, 2);
+
+    // Dropping the connector closes the second connection.
+    drop(http);
+    drop(connector);
+    server.wait_for(|s| s.open == 0).await;
+    let r = recorded.refresh();
+    assert_eq!(r.gauge(H2_CONNECTIONS, &[]), 0.0);
+    assert_eq!(r.counter(H2_GOAWAY_TOTAL, &[]), 1);
+    assert_eq!(
+        r.histogram(HTTP_REQUESTS_PER_CONNECTION, &[]),
+        vec![3.0, 1.0]
+    );
+    assert!(
+        support::wait_until(Duration::from_secs(5), || recorded
+            .refresh()
+            .gauge(ACTIVE_CONNECTIONS, &[])
+            == 0.0)
+        .await
+    );
 }
 
 #[test]
@@ -942,6 +1042,7 @@ fn documented_metrics_table_matches_what_is_recorded() {
     let recorder = DebuggingRecorder::new();
     let mut recorded = Recorded::new(&recorder);
     with_recorder(&recorder, || scenario(false, &mut recorded));
+    with_recorder(&recorder, || h2_scenario(&mut recorded, false));
     recorded.refresh();
 
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -127,7 +127,7 @@ impl HttpConnector {
     /// [module docs](self) for protocol selection, the release rule and retries.
     ///
     /// # Errors
-    /// `InvalidConfig` for an unusable peer; `InvalidRequest` for a request that cannot be
+    /// `InvalidConfig` for an unusable peer; `InvalidConfig` for a request that cannot be
     /// sent (bad authority, `CONNECT`, a `content-length` that contradicts the body, an
     /// unsupported `transfer-encoding`); every error of `Connector::get` while connecting;
     /// `PoolTimedout` at the per-peer cap; `ProtocolError` for a malformed or unsupported
@@ -241,6 +241,27 @@ mod tests {
         is_send_sync::<HttpConnector>();
         fn is_body<T: http_body::Body + Send + Sync + Unpin + fmt::Debug>() {}
         is_body::<ResponseBody>();
+    }
+
+    /// `send`'s future can be spawned whatever the body, as long as the body is `Send`
+    /// (it need not be `Sync`).
+    #[allow(dead_code)]
+    fn send_future_is_send(http: &HttpConnector, peer: &Peer) {
+        struct SendOnly(std::cell::Cell<bool>);
+        impl http_body::Body for SendOnly {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+                self.0.set(true);
+                std::task::Poll::Ready(None)
+            }
+        }
+        fn is_send<T: Send>(_: &T) {}
+        let future = http.send(peer, Request::new(SendOnly(std::cell::Cell::new(false))));
+        is_send(&future);
     }
 
     #[test]

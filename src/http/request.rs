@@ -47,7 +47,7 @@ const CONNECTION_SPECIFIC: [&str; 5] = [
 
 impl Prepared {
     pub(crate) fn new<B: http_body::Body>(parts: Parts, body: &B, peer: &Peer) -> Result<Prepared> {
-        let invalid = |what: String| super::error(ErrorKind::InvalidRequest, peer, what);
+        let invalid = |what: String| super::error(ErrorKind::InvalidConfig, peer, what);
         let Parts {
             method,
             uri,
@@ -198,4 +198,181 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use bytes::Bytes;
+    use http_body_util::{Empty, Full};
+
+    fn peer() -> Peer {
+        Peer::tls("127.0.0.1:8443".parse().unwrap(), "backend.example")
+    }
+
+    fn prepare<B: http_body::Body>(req: ::http::Request<B>, peer: &Peer) -> Result<Prepared> {
+        let (parts, body) = req.into_parts();
+        Prepared::new(parts, &body, peer)
+    }
+
+    fn get(uri: &str) -> ::http::request::Builder {
+        ::http::Request::get(uri)
+    }
+
+    #[test]
+    fn authority_from_uri_then_host_then_sni_then_address() {
+        let p = peer();
+        let r = prepare(
+            get("https://a.example:444/x?y")
+                .header("host", "b.example")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.authority.as_str(), r.path.as_str()),
+            ("a.example:444", "/x?y")
+        );
+        let r = prepare(
+            get("/x")
+                .header("host", "b.example")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(r.authority.as_str(), "b.example");
+        assert!(
+            r.headers.get("host").is_none(),
+            "host is written by each protocol"
+        );
+        let r = prepare(get("/x").body(Empty::<Bytes>::new()).unwrap(), &p).unwrap();
+        assert_eq!(r.authority.as_str(), "backend.example");
+        let plain = Peer::tcp("127.0.0.1:8080".parse().unwrap());
+        let r = prepare(get("/x").body(Empty::<Bytes>::new()).unwrap(), &plain).unwrap();
+        assert_eq!(r.authority.as_str(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn bad_requests_are_invalid_config() {
+        let p = peer();
+        for host in ["bad host", "[::1", "u@h"] {
+            let err = prepare(
+                get("/")
+                    .header("host", host)
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+                &p,
+            )
+            .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{host}: {err}");
+            assert!(err.to_string().contains("backend.example"), "{err}");
+        }
+        let connect = ::http::Request::connect("a.example:443")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            prepare(connect, &p).unwrap_err().kind(),
+            ErrorKind::InvalidConfig
+        );
+        // A content-length that contradicts the body's exact size.
+        let r = ::http::Request::post("/")
+            .header("content-length", "3")
+            .body(Full::new(Bytes::from_static(b"four")))
+            .unwrap();
+        assert_eq!(prepare(r, &p).unwrap_err().kind(), ErrorKind::InvalidConfig);
+        let r = ::http::Request::post("/")
+            .header("transfer-encoding", "gzip")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert_eq!(prepare(r, &p).unwrap_err().kind(), ErrorKind::InvalidConfig);
+        let r = ::http::Request::post("/")
+            .header("content-length", "x")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert_eq!(prepare(r, &p).unwrap_err().kind(), ErrorKind::InvalidConfig);
+    }
+
+    #[test]
+    fn framing_follows_the_body() {
+        let p = peer();
+        let r = prepare(get("/").body(Empty::<Bytes>::new()).unwrap(), &p).unwrap();
+        assert_eq!(r.framing, Framing::Empty);
+        assert!(r.replayable());
+        let r = prepare(
+            ::http::Request::post("/")
+                .body(Full::new(Bytes::from_static(b"four")))
+                .unwrap(),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(r.framing, Framing::Length(4));
+        assert!(!r.replayable());
+        let streaming = unknown_size::Body::default;
+        let r = prepare(::http::Request::post("/").body(streaming()).unwrap(), &p).unwrap();
+        assert_eq!(r.framing, Framing::Chunked);
+        let r = prepare(
+            ::http::Request::post("/")
+                .header("content-length", "9")
+                .body(streaming())
+                .unwrap(),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(r.framing, Framing::Length(9));
+        assert!(r.headers.get("content-length").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let p = peer();
+        let r = prepare(
+            get("/")
+                .header("connection", "close, x-hop")
+                .header("x-hop", "1")
+                .header("keep-alive", "timeout=5")
+                .header("upgrade", "websocket")
+                .header("te", "gzip")
+                .header("x-end", "2")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+            &p,
+        )
+        .unwrap();
+        assert!(r.close);
+        let names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
+        let r = prepare(
+            get("/")
+                .header("te", "trailers")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+            &p,
+        )
+        .unwrap();
+        assert!(r.headers.contains_key("te"));
+    }
+
+    /// A body of unknown size (no exact size hint, not at its end before polled).
+    mod unknown_size {
+        use bytes::Bytes;
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+
+        #[derive(Default)]
+        pub(super) struct Body;
+
+        impl http_body::Body for Body {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+                Poll::Ready(None)
+            }
+        }
+    }
 }

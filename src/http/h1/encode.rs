@@ -159,3 +159,53 @@ async fn flush_pending(conn: &mut Connection, pending: &mut Vec<u8>) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{Empty, Full};
+
+    fn encoded<B: Body>(req: ::http::Request<B>) -> String {
+        let peer = crate::peer::Peer::tls("127.0.0.1:1".parse().unwrap(), "backend.example");
+        let (parts, body) = req.into_parts();
+        let prepared = Prepared::new(parts, &body, &peer).unwrap();
+        let mut out = Vec::new();
+        head(&prepared, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn an_empty_get_has_no_body_headers() {
+        let head = encoded(
+            ::http::Request::get("/a?b")
+                .header("x-one", "1")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        );
+        assert_eq!(
+            head,
+            "GET /a?b HTTP/1.1\r\nhost: backend.example\r\nx-one: 1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn bodies_are_framed_by_length_or_announced_empty() {
+        let head = encoded(
+            ::http::Request::post("/")
+                .body(Full::new(Bytes::from_static(b"four")))
+                .unwrap(),
+        );
+        assert!(head.ends_with("content-length: 4\r\n\r\n"), "{head}");
+        let head = encoded(
+            ::http::Request::put("/")
+                .header("connection", "close")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        );
+        assert!(
+            head.ends_with("content-length: 0\r\nconnection: close\r\n\r\n"),
+            "{head}"
+        );
+    }
+}

@@ -93,7 +93,8 @@ where
     }
     debug_assert!(framing == Framing::Empty || !req.replayable());
 
-    let mut buf = BytesMut::with_capacity(4096);
+    // Allocated by the first read (one TLS record's worth); small responses arrive whole.
+    let mut buf = BytesMut::new();
     let head = loop {
         match decode::parse_head(&mut buf) {
             Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {

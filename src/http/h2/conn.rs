@@ -28,7 +28,7 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
 /// What a dial produced.
 pub(super) enum Dialled {
-    H2(Ready),
+    H2(Box<Ready>),
     /// The server selected HTTP/1.1 (the offer allowed it): a fresh connection for the pool.
     H1(Connection),
     /// The key reached `max_connections_per_peer` since the dial was decided.
@@ -134,7 +134,16 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
         }
     }
     let server_limit = connection.max_concurrent_send_streams();
-    Ok(Dialled::H2(Ready {
+    if server_limit == 0 {
+        // A connection that may carry no stream would only make the waiters dial again.
+        return Err(Error::new(
+            ErrorKind::UpstreamIo,
+            "the server allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS = 0)",
+        )
+        .with_peer(peer.describe())
+        .with_transient());
+    }
+    Ok(Dialled::H2(Box::new(Ready {
         send,
         connection,
         ping,
@@ -142,7 +151,7 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
         digest,
         pool_metrics,
         idle_timeout,
-    }))
+    })))
 }
 
 fn protocol_error(peer: &Peer, why: String) -> Error {
@@ -153,18 +162,21 @@ fn protocol_error(peer: &Peer, why: String) -> Error {
 /// are done), it failed, a keepalive PING went unanswered, or `check_idle` closed it.
 ///
 /// `check_idle(now, idle)` returns when to look again, or `None` to close now (the
-/// connection has been idle for `idle` and was taken out of service).
+/// connection has been idle for `idle` and was taken out of service). Returns whether the
+/// server ended it with GOAWAY: a clean end while the registry still holds the handle that
+/// opens streams can only be the server's GOAWAY (with the handle gone, `h2` ends it
+/// itself, but then the key is gone too and nobody asks).
 pub(super) async fn run(
-    ready: Ready,
+    ready: Box<Ready>,
     timers: Timers,
     mut check_idle: impl FnMut(Instant, Duration) -> Option<Instant>,
-) {
+) -> bool {
     let Ready {
         send,
         mut connection,
         mut ping,
         ..
-    } = ready;
+    } = *ready;
     // The registry holds the handle new streams are opened with; this one would keep the
     // connection from ever finishing on its own.
     drop(send);
@@ -179,14 +191,17 @@ pub(super) async fn run(
             .unwrap_or(idle_at);
         tokio::select! {
             result = &mut connection => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
-                }
-                return;
+                return match result {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                        e.is_go_away() && e.is_remote()
+                    }
+                };
             }
             pong = poll_fn(|cx| ping.poll_pong(cx)), if pong_due.is_some() => {
                 if pong.is_err() {
-                    return;
+                    return false;
                 }
                 pong_due = None;
                 next_ping = timers.ping_interval.map(|p| Instant::now() + p);
@@ -195,17 +210,17 @@ pub(super) async fn run(
                 let now = Instant::now();
                 if pong_due.is_some_and(|due| now >= due) {
                     tracing::debug!("HTTP/2 keepalive PING unanswered; closing the connection");
-                    return;
+                    return false;
                 }
                 if now >= idle_at {
                     match check_idle(now, timers.idle) {
                         Some(next) => idle_at = next,
-                        None => return,
+                        None => return false,
                     }
                 }
                 if pong_due.is_none() && next_ping.is_some_and(|at| now >= at) {
                     if ping.send_ping(Ping::opaque()).is_err() {
-                        return;
+                        return false;
                     }
                     next_ping = None;
                     pong_due = Some(now + timers.ping_timeout);

@@ -63,18 +63,23 @@ where
         };
         let request = build_request(&req, peer)?;
         let (response, stream) = match lease.send.send_request(request, empty) {
-            Ok(sent) => sent,
+            Ok(sent) => {
+                lease.sent();
+                sent
+            }
             Err(e) if is_user_error(&e) => {
+                lease.unsent();
                 return Err(super::error(
-                    ErrorKind::InvalidRequest,
+                    ErrorKind::InvalidConfig,
                     peer,
                     format!("HTTP/2 refused the request: {e}"),
-                ))
+                ));
             }
             Err(e) => {
                 // Not sent at all (GOAWAY arrived, or the connection is closing): safe to
                 // send elsewhere whatever the body.
-                lease.mark_draining();
+                lease.unsent();
+                lease.mark_draining(e.is_go_away());
                 tracing::debug!(error = %e, "HTTP/2 connection not usable; trying another");
                 last_error = Some(e);
                 retried = true;
@@ -120,7 +125,7 @@ where
             }
             Err(e) if refused(&e) => {
                 if e.is_go_away() {
-                    lease.mark_draining();
+                    lease.mark_draining(true);
                 }
                 if !empty {
                     return Err(stream_error(peer, &e).with_transient());
@@ -149,7 +154,7 @@ fn build_request(req: &Prepared, peer: &Peer) -> Result<Request<()>> {
         .authority(req.authority.clone())
         .path_and_query(req.path.clone())
         .build()
-        .map_err(|e| super::error(ErrorKind::InvalidRequest, peer, format!("request URI: {e}")))?;
+        .map_err(|e| super::error(ErrorKind::InvalidConfig, peer, format!("request URI: {e}")))?;
     let mut request = Request::new(());
     *request.method_mut() = req.method.clone();
     *request.uri_mut() = uri;

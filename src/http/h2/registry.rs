@@ -89,8 +89,12 @@ struct ConnEntry {
     active: usize,
     /// GOAWAY received (or closing idle): no new streams.
     draining: bool,
-    /// Streams carried so far (for `requests_per_connection`, and "reused").
-    carried: u64,
+    /// Streams handed out so far (a stream after the first is "reused").
+    picks: u64,
+    /// Streams actually sent (for `requests_per_connection`).
+    sent: u64,
+    /// A GOAWAY from the server was counted for this connection.
+    goaway_counted: bool,
     /// Since when it has had no streams; `None` while it has some.
     idle_since: Option<Instant>,
 }
@@ -103,6 +107,7 @@ pub(crate) struct StreamLease {
     /// The connection had carried a stream before this one.
     pub(super) reused: bool,
     pub(super) digest: Option<Arc<SslDigest>>,
+    pool_metrics: Arc<PeerMetrics>,
 }
 
 /// The outcome of [`acquire`].
@@ -138,6 +143,18 @@ impl Shared {
                 })
                 .value(),
         )
+    }
+}
+
+/// The connector went: connections still listed close (their drivers see `h2` end them once
+/// the handles here are gone) and leave the gauges now, as the pool's idle ones do.
+impl Drop for H2Key {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        for c in st.conns.drain(..) {
+            self.metrics.connections.decrement(1.0);
+            self.metrics.requests_per_connection.record(c.sent as f64);
+        }
     }
 }
 
@@ -264,13 +281,12 @@ impl KeyState {
         }
         let c = &mut self.conns[best?];
         c.active += 1;
-        c.carried += 1;
+        c.picks += 1;
+        // Counted as sent now, taken back in the rare case it is not (`unsent`): one lock
+        // per request fewer than counting after the send.
+        c.sent += 1;
         c.idle_since = None;
-        let reused = c.carried > 1;
-        // The connection's first stream was counted `new` by the dial.
-        if reused {
-            c.pool_metrics.checkout_reused.increment(1);
-        }
+        let reused = c.picks > 1;
         key.metrics.streams_active.increment(1.0);
         Some(StreamLease {
             key: Arc::clone(key),
@@ -278,6 +294,7 @@ impl KeyState {
             send: c.send.clone(),
             reused,
             digest: c.digest.clone(),
+            pool_metrics: Arc::clone(&c.pool_metrics),
         })
     }
 
@@ -285,29 +302,51 @@ impl KeyState {
         if let Some(i) = self.conns.iter().position(|c| c.id == id) {
             let gone = self.conns.swap_remove(i);
             key.metrics.connections.decrement(1.0);
-            key.metrics
-                .requests_per_connection
-                .record(gone.carried as f64);
+            key.metrics.requests_per_connection.record(gone.sent as f64);
         }
     }
 }
 
 impl StreamLease {
-    /// The server sent GOAWAY on this stream's connection: it takes no new streams.
-    pub(super) fn mark_draining(&self) {
+    /// The stream went out: count it as a `reused` checkout unless it is the connection's
+    /// first (which its dial counted as `new`).
+    pub(super) fn sent(&self) {
+        if self.reused {
+            self.pool_metrics.checkout_reused.increment(1);
+        }
+    }
+
+    /// The stream did not go out after all: not a request of this connection.
+    pub(super) fn unsent(&self) {
         let mut st = self.key.state.lock();
         if let Some(c) = st.conns.iter_mut().find(|c| c.id == self.id) {
-            if !c.draining {
-                c.draining = true;
-                self.key.metrics.goaway.increment(1);
+            c.sent -= 1;
+        }
+    }
+
+    /// The connection takes no new streams: the server sent GOAWAY (`goaway`), or it is
+    /// closing.
+    pub(super) fn mark_draining(&self, goaway: bool) {
+        let mut st = self.key.state.lock();
+        if let Some(c) = st.conns.iter_mut().find(|c| c.id == self.id) {
+            c.draining = true;
+            if goaway {
+                count_goaway(&self.key, c);
             }
         }
     }
 }
 
+fn count_goaway(key: &H2Key, c: &mut ConnEntry) {
+    if !c.goaway_counted {
+        c.goaway_counted = true;
+        key.metrics.goaway.increment(1);
+    }
+}
+
 impl Drop for StreamLease {
     fn drop(&mut self) {
-        {
+        let waiting = {
             let mut st = self.key.state.lock();
             if let Some(c) = st.conns.iter_mut().find(|c| c.id == self.id) {
                 c.active -= 1;
@@ -315,9 +354,14 @@ impl Drop for StreamLease {
                     c.idle_since = Some(Instant::now());
                 }
             }
-        }
+            st.waiting
+        };
         self.key.metrics.streams_active.decrement(1.0);
-        self.key.notify.notify_waiters();
+        // A waiter registers under the lock read above, so with none counted there is
+        // nobody to wake (a later one finds the freed slot in its own pick).
+        if waiting > 0 {
+            self.key.notify.notify_waiters();
+        }
     }
 }
 
@@ -354,7 +398,9 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
                     pool_metrics: Arc::clone(&ready.pool_metrics),
                     active: 0,
                     draining: false,
-                    carried: 0,
+                    picks: 0,
+                    sent: 0,
+                    goaway_counted: false,
                     idle_since: Some(Instant::now()),
                 });
                 key.metrics.connections.increment(1.0);
@@ -386,7 +432,7 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
 ///
 /// Holds the key weakly: when the connector goes, the key and with it the last handle that
 /// opens streams go too, and `h2` then closes the idle connection by itself.
-async fn drive(ready: conn::Ready, key: Weak<H2Key>, id: u64, timers: conn::Timers) {
+async fn drive(ready: Box<conn::Ready>, key: Weak<H2Key>, id: u64, timers: conn::Timers) {
     let check_idle = {
         let key = Weak::clone(&key);
         move |now: Instant, idle: Duration| -> Option<Instant> {
@@ -407,9 +453,16 @@ async fn drive(ready: conn::Ready, key: Weak<H2Key>, id: u64, timers: conn::Time
     };
     // Consumes the connection: when this returns the pooled connection has been dropped and
     // its pool slot freed, so waiters woken below can dial with it.
-    conn::run(ready, timers, check_idle).await;
+    let goaway = conn::run(ready, timers, check_idle).await;
     if let Some(key) = key.upgrade() {
-        key.state.lock().retire(&key, id);
+        let mut st = key.state.lock();
+        if goaway {
+            if let Some(c) = st.conns.iter_mut().find(|c| c.id == id) {
+                count_goaway(&key, c);
+            }
+        }
+        st.retire(&key, id);
+        drop(st);
         key.notify.notify_waiters();
     }
 }
