@@ -151,9 +151,9 @@ async fn proxy(
     client_ip: HeaderValue,
 ) -> Response<ProxyBody> {
     let (mut head, body) = req.into_parts();
-    let method = head.method.clone();
-    let path = head.uri.path().to_owned();
     upstream_headers(&mut head, client_ip);
+    // For the error log; both clones only bump reference counts.
+    let (method, path) = (head.method.clone(), head.uri.clone());
     let request = Request::from_parts(head, body);
 
     let sent = tokio::time::timeout(
@@ -229,8 +229,9 @@ fn client_response(response: Response<ResponseBody>) -> Response<ProxyBody> {
         .is_some_and(|info| info.reused);
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
+    const REUSED: HeaderName = HeaderName::from_static(REUSED_HEADER);
     head.headers.insert(
-        HeaderName::from_static(REUSED_HEADER),
+        REUSED,
         HeaderValue::from_static(if reused { "true" } else { "false" }),
     );
     // hyper's server picks the client's version itself.
