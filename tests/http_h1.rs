@@ -285,6 +285,32 @@ async fn a_body_dropped_after_its_first_chunk_is_not_pooled() {
     assert_eq!(server.stats().accepted, 2);
 }
 
+/// `Connection: close` with the close itself 300 ms later: the header alone must keep the
+/// connection out of the pool (the pool's own closed-connection check cannot see it yet).
+#[tokio::test]
+async fn connection_close_header_alone_keeps_the_connection_out_of_the_pool() {
+    let server = h1_server();
+    let http = http_with(|_| {});
+    let peer = peer(&server);
+    let (parts, body) = send(&http, &peer, get("/close-late")).await.unwrap();
+    assert_eq!(header(&parts, "connection"), "close");
+    assert_default_body(&body, 0, 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        http.connector().idle_count_for(&peer),
+        0,
+        "a connection answered with `Connection: close` was pooled"
+    );
+    let (_, body) = send(&http, &peer, get("/")).await.unwrap();
+    assert_default_body(&body, 1, 1);
+    let stats = server.stats();
+    assert!(
+        !stats.conns[0].closed,
+        "the server closed too early for this test"
+    );
+    assert_eq!(stats.accepted, 2);
+}
+
 #[tokio::test]
 async fn connection_close_from_the_server_is_not_pooled() {
     let server = h1_server();
@@ -417,9 +443,9 @@ async fn a_reused_connection_closed_before_the_response_is_retried_on_a_fresh_on
         .expect("an empty-bodied request on a dead reused connection was not retried");
     assert_default_body(&body, 1, 1);
     assert!(info(&parts).retried, "UpstreamInfo::retried");
-    let stats = server.stats();
+    // The log entry of an answer is written after its last byte: wait for it.
+    let stats = server.wait_for(|s| s.log.len() == 3).await;
     assert_eq!(stats.accepted, 2, "{stats:#?}");
-    assert_eq!(stats.log.len(), 3);
     assert!(!stats.log[1].answered && stats.log[1].conn == 0);
     assert_eq!(stats.log[2].conn, 1);
 }
@@ -473,4 +499,40 @@ async fn a_streamed_body_is_not_replayed_after_a_reused_connection_fails() {
         "a streamed body was replayed on a fresh connection: {stats:#?}"
     );
     assert_eq!(stats.log.len(), 2);
+}
+
+/// Many concurrent exchanges under `max_connections_per_peer = 4`: at most four
+/// connections, every response body is the one its head announces (no connection carried
+/// two exchanges at once or handed on an unread response), and every request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_under_a_connection_cap_stay_in_sync() {
+    let server = HttpServer::builder()
+        .h1_only()
+        .delay(Duration::from_millis(5))
+        .start();
+    let http = http_with(|o| {
+        o.max_connections_per_peer = Some(4);
+        o.wait_timeout = Duration::from_secs(4);
+    });
+    let peer = peer(&server);
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let (http, peer) = (http.clone(), peer.clone());
+            tokio::spawn(async move {
+                for j in 0..3 {
+                    let path = if (i + j) % 3 == 0 { "/chunked" } else { "/" };
+                    let (parts, body) = send(&http, &peer, get(path)).await.unwrap();
+                    let conn: usize = header(&parts, "x-conn-id").parse().unwrap();
+                    let n: usize = header(&parts, "x-req-n").parse().unwrap();
+                    assert_default_body(&body, conn, n);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("a request task failed");
+    }
+    // The server counts an answer after its last write, which can trail the client.
+    let stats = server.wait_for(|s| s.answered == 90).await;
+    assert!(stats.accepted <= 4, "cap 4, server saw {}", stats.accepted);
 }

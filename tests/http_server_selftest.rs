@@ -367,3 +367,17 @@ async fn h1_drop_if_reused_and_idle_close() {
         .wait_for(|s| s.conns.len() == 2 && s.conns[1].closed)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_freeze_stops_answering_without_closing() {
+    let server = HttpServer::builder().h2_freeze_after(1).start();
+    let send = h2_client(&server).await;
+    let (parts, _) = h2_send(&send, get("/")).await.unwrap();
+    assert_eq!(header(&parts, "x-req-n"), "1");
+    server.wait_for(|s| s.conns[0].frozen).await;
+    let second = tokio::time::timeout(Duration::from_millis(300), h2_send(&send, get("/"))).await;
+    assert!(second.is_err(), "a frozen connection answered: {second:?}");
+    let stats = server.stats();
+    assert!(!stats.conns[0].closed);
+    assert_eq!(stats.answered, 1);
+}

@@ -252,3 +252,224 @@ async fn an_unanswered_ping_closes_the_connection() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_request_body_is_a_request_body_error() {
+    use http_body_util::channel::Channel;
+    for (server, alpn) in [
+        (HttpServer::builder().start(), Alpn::H2),
+        (HttpServer::builder().h1_only().start(), Alpn::H1),
+    ] {
+        let http = http_with(|_| {});
+        let p = peer(&server, alpn.clone());
+        let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+        let request = http::Request::post("/upload").body(body).unwrap();
+        let sending = tokio::spawn({
+            let (http, p) = (http.clone(), p.clone());
+            async move { http.send(&p, request).await }
+        });
+        tx.send_data(Bytes::from_static(b"first piece"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.abort(std::io::Error::other("the client went away"));
+        let err = tokio::time::timeout(STEP, sending)
+            .await
+            .expect("hung")
+            .unwrap()
+            .expect_err("a request whose body failed succeeded");
+        assert_eq!(err.kind(), ErrorKind::RequestBody, "{alpn:?}: {err}");
+        assert!(err.to_string().contains("went away"), "{err}");
+        // The server saw the request abandoned: the HTTP/2 stream reset, the HTTP/1.1
+        // connection closed (never pooled with half a request on it).
+        match alpn {
+            Alpn::H2 => {
+                server.wait_for(|s| s.resets() == 1).await;
+                assert_eq!(http.connector().connection_count_for(&p), 1);
+            }
+            _ => {
+                server.wait_for(|s| s.open == 0).await;
+                assert_eq!(http.connector().connection_count_for(&p), 0);
+            }
+        }
+        // The next request goes through.
+        fetch(&http, &p).await;
+        assert_eq!(server.stats().answered, 1, "{alpn:?}");
+    }
+}
+
+/// A plaintext HTTP/1.1 server that answers each request with a canned byte string chosen
+/// by its path (see `canned`), keeping the connection open. Returns its address and a
+/// counter of accepted connections.
+async fn scripted_h1_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        )))
+        .unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        if tcp.write_all(&canned(&path)).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+fn canned(path: &str) -> Vec<u8> {
+    match path {
+        "/interim" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        "/trailers" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n2\r\nok\r\n0\r\nx-sum: 42\r\n\r\n".to_vec(),
+        "/upgrade" => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n".to_vec(),
+        "/garbage" => b"HELLO THERE\r\n\r\n".to_vec(),
+        "/many-headers" => {
+            let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n".to_vec();
+            for i in 0..200 {
+                r.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+            }
+            r.extend_from_slice(b"\r\n");
+            r
+        }
+        "/leftover" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n".to_vec(),
+        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain".to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_interim_responses_trailers_and_bad_heads() {
+    use std::sync::atomic::Ordering;
+    let (addr, accepted) = scripted_h1_server().await;
+    let http = http_with(|_| {});
+    let p = Peer::tcp(addr);
+    let send = |path: &'static str| {
+        let (http, p) = (http.clone(), p.clone());
+        async move {
+            let req = http::Request::get(path)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            tokio::time::timeout(STEP, http.send(&p, req))
+                .await
+                .expect("hung")
+        }
+    };
+
+    // 100 and 103 precede the final response; the connection is pooled after it.
+    let response = send("/interim").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(http.connector().idle_count_for(&p), 1);
+
+    // Trailers of a chunked body come through as a trailers frame; pooled again, same
+    // connection.
+    let response = send("/trailers").await.unwrap();
+    assert!(response.extensions().get::<UpstreamInfo>().unwrap().reused);
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-sum"], "42");
+    assert_eq!(&collected.to_bytes()[..], b"ok");
+    assert_eq!(http.connector().idle_count_for(&p), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Bytes beyond the response: the body is right, the connection is not pooled.
+    let response = send("/leftover").await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(http.connector().idle_count_for(&p), 0);
+
+    // Typed errors, and the connection is closed, never pooled.
+    for path in ["/upgrade", "/garbage", "/many-headers"] {
+        let err = send(path).await.expect_err(path);
+        assert_eq!(err.kind(), ErrorKind::ProtocolError, "{path}: {err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        assert_eq!(http.connector().idle_count_for(&p), 0, "{path}");
+        assert_eq!(http.connector().connection_count_for(&p), 0, "{path}");
+    }
+    // One connection for the first three exchanges (closed for its leftover bytes), then one
+    // per failed case: each failure cost its connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    let response = send("/").await.unwrap();
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "plain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_response_before_the_upload_ends_is_returned() {
+    use http_body_util::channel::Channel;
+    // The scripted server answers as soon as it has a request head, as a server refusing
+    // an upload (401, 413) does.
+    let (addr, _) = scripted_h1_server().await;
+    let http = http_with(|_| {});
+    let p = Peer::tcp(addr);
+    let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+    tx.send_data(Bytes::from_static(b"first piece"))
+        .await
+        .unwrap();
+    let request = http::Request::post("/upload").body(body).unwrap();
+    // The body never ends while the response is awaited.
+    let response = tokio::time::timeout(STEP, http.send(&p, request))
+        .await
+        .expect("waited for the rest of the upload instead of reading the response")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"plain");
+    // Half a request went out: the connection is never pooled.
+    assert_eq!(http.connector().idle_count_for(&p), 0);
+    assert_eq!(http.connector().connection_count_for(&p), 0);
+    drop(tx);
+}
+
+/// An option's name and a change that makes it unusable.
+type BreakOption = (&'static str, fn(&mut ConnectorOptions));
+
+#[test]
+fn unusable_http_options_are_invalid_config() {
+    let cases: [BreakOption; 3] = [
+        ("max_h2_streams", |o| o.max_h2_streams = 0),
+        ("h2_ping_interval", |o| {
+            o.h2_ping_interval = Some(Duration::ZERO)
+        }),
+        ("h2_ping_timeout", |o| o.h2_ping_timeout = Duration::ZERO),
+    ];
+    for (name, break_it) in cases {
+        let mut options = ConnectorOptions::default();
+        break_it(&mut options);
+        let err = Connector::new(options).expect_err(name);
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{name}: {err}");
+        assert!(err.to_string().contains(name), "{name}: {err}");
+    }
+    let defaults = ConnectorOptions::default();
+    assert_eq!(defaults.max_h2_streams, 100);
+    assert_eq!(defaults.h2_ping_interval, None);
+    assert_eq!(defaults.h2_ping_timeout, Duration::from_secs(20));
+}

@@ -38,7 +38,8 @@
 //! `Connector::release` itself; a response without a body (HEAD, 204, 304, length 0) does so
 //! before `send` returns. A body dropped before its end, a body error, or a body delimited
 //! by the connection's end closes the connection instead: a connection with an unread
-//! response is never handed to another request.
+//! response is never handed to another request. Nor is one whose request body was cut short
+//! because the server answered first (a 401 or 413 to an upload, which `send` returns).
 //!
 //! **Retries.** A request that fails on a *reused* connection before any response byte was
 //! read (the upstream closed it while it sat idle) is sent once more on a freshly dialled
@@ -63,10 +64,11 @@
 //! `Connection` counts as in use for its whole life and is never pooled idle.
 //!
 //! **GOAWAY.** A connection that received GOAWAY takes no new streams; its streams in flight
-//! finish and it closes when they are done. A request the server did not process (refused
-//! with REFUSED_STREAM, above GOAWAY's last stream id, or not sent because GOAWAY had
-//! arrived) is sent again on another connection when its body is empty; otherwise the error
-//! is `UpstreamIo` with `retryable()` true.
+//! finish and it closes when they are done. A request that never went out because GOAWAY
+//! had arrived is sent on another connection whatever its body (nothing of it was read); one
+//! the server did not process (REFUSED_STREAM, or above GOAWAY's last stream id) is sent
+//! again when its body is empty, else the error is `UpstreamIo` with `retryable()` true. Up
+//! to 4 attempts per request.
 //!
 //! # Timeouts and cancellation
 //! Peers have no read or write timeout, so none applies; wrap `send` or the body's polling in

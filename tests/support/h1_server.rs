@@ -10,6 +10,7 @@
 //! | anything else | `200`, `Content-Length` |
 //! | `/chunked` | `200`, `Transfer-Encoding: chunked`, in pieces of at most 1000 bytes |
 //! | `/close` | `200`, `Content-Length`, `Connection: close`; then close_notify + FIN |
+//! | `/close-late` | like `/close`, but the close comes 300 ms after the response (the client must not wait for it to know the connection is done) |
 //! | `/eof` | `200`, neither length nor chunked: the body ends at close_notify + FIN |
 //! | `/204` | `204 No Content`, no body |
 //! | `/304` | `304 Not Modified`, no body |
@@ -200,7 +201,7 @@ where
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
                 _ => {
-                    close = route == "/close";
+                    close = route == "/close" || route == "/close-late";
                     let extra = if close { "Connection: close\r\n" } else { "" };
                     stream
                         .write_all(
@@ -235,6 +236,9 @@ where
         }
         drop(in_flight);
         if close {
+            if route == "/close-late" {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             stream.shutdown().await?;
             return Ok(());
         }

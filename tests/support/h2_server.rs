@@ -115,6 +115,7 @@ struct ConnCounters {
     max_in_flight: AtomicUsize,
     resets: AtomicUsize,
     goaway_sent: AtomicBool,
+    frozen: AtomicBool,
     closed: AtomicBool,
     error: Mutex<Option<String>>,
 }
@@ -139,6 +140,8 @@ pub(crate) struct ConnStats {
     pub(crate) resets: usize,
     /// The server sent a graceful GOAWAY on this connection.
     pub(crate) goaway_sent: bool,
+    /// The server stopped serving this connection ([`HttpServerBuilder::h2_freeze_after`]).
+    pub(crate) frozen: bool,
     /// The connection is closed on the server side.
     pub(crate) closed: bool,
     /// Why the connection ended abnormally, if it did.
@@ -222,6 +225,7 @@ impl Shared {
                 max_in_flight: c.max_in_flight.load(Ordering::SeqCst),
                 resets: c.resets.load(Ordering::SeqCst),
                 goaway_sent: c.goaway_sent.load(Ordering::SeqCst),
+                frozen: c.frozen.load(Ordering::SeqCst),
                 closed: c.closed.load(Ordering::SeqCst),
                 error: lock(&c.error).clone(),
             })
@@ -296,6 +300,7 @@ pub(crate) struct ServerConf {
     pub(crate) goaway_after: Option<usize>,
     pub(crate) garbage_after_h2: bool,
     pub(crate) h1_idle_close: Option<Duration>,
+    pub(crate) h2_freeze_after: Option<usize>,
     no_alpn_proto: Proto,
 }
 
@@ -368,6 +373,14 @@ impl HttpServerBuilder {
     /// (no SETTINGS frame), then read and discard until the client closes.
     pub(crate) fn garbage_after_h2(mut self) -> Self {
         self.conf.garbage_after_h2 = true;
+        self
+    }
+
+    /// HTTP/2: once the `n`-th request on a connection is answered, stop serving that
+    /// connection without closing it: nothing more is read or written (PINGs go unanswered),
+    /// as with a hung upstream or a silently dropped network path. Default: never.
+    pub(crate) fn h2_freeze_after(mut self, n: usize) -> Self {
+        self.conf.h2_freeze_after = Some(n);
         self
     }
 
@@ -447,6 +460,7 @@ impl HttpServer {
                 goaway_after: None,
                 garbage_after_h2: false,
                 h1_idle_close: None,
+                h2_freeze_after: None,
                 no_alpn_proto: Proto::H1,
             },
         }
@@ -622,6 +636,33 @@ where
         if conf.goaway_after == Some(accepted) {
             conn.counters.goaway_sent.store(true, Ordering::SeqCst);
             h2.graceful_shutdown();
+        }
+        if conf.h2_freeze_after == Some(accepted) {
+            // Keep the connection polled until the answer is out (and 50 ms more, so h2
+            // flushes its last frames), then hold it unpolled.
+            let mut flush_until = None;
+            loop {
+                let now = Instant::now();
+                if conn.counters.in_flight.load(Ordering::SeqCst) > 0 {
+                    flush_until = None;
+                } else if flush_until.is_none() {
+                    flush_until = Some(now + Duration::from_millis(50));
+                }
+                if flush_until.is_some_and(|t| now >= t) {
+                    break;
+                }
+                tokio::select! {
+                    next = h2.accept() => {
+                        if next.is_none() {
+                            return Ok(());
+                        }
+                        // A stream opened meanwhile is dropped (reset) unanswered.
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                }
+            }
+            conn.counters.frozen.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await;
         }
     }
     // `accept` returned None: GOAWAY finished or the client went away; flush what is left.

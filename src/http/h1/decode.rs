@@ -90,6 +90,28 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     }))
 }
 
+/// What the bytes at the front of `buf` are, without consuming a final response: drops
+/// complete interim (1xx, not 101) heads and says whether a final response (or something
+/// unparseable, left for [`parse_head`] to report) has begun arriving.
+pub(crate) fn skip_interim(buf: &mut BytesMut) -> bool {
+    loop {
+        if buf.is_empty() {
+            return false;
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        match response.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => match response.code {
+                Some(code) if (100..200).contains(&code) && code != 101 => buf.advance(n),
+                _ => return true,
+            },
+            // Too early to tell an interim head from a final one, unless it is too long.
+            Ok(httparse::Status::Partial) => return buf.len() > MAX_HEAD,
+            Err(_) => return true,
+        }
+    }
+}
+
 fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::with_capacity(fields.len());
     for field in fields {
@@ -422,6 +444,27 @@ mod tests {
             body_length(true, &head(&[("content-length", "7")])).unwrap(),
             (BodyLength::None, true)
         );
+    }
+
+    #[test]
+    fn interim_heads_are_skipped_final_ones_kept() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
+        assert!(!skip_interim(&mut buf));
+        assert!(buf.is_empty());
+        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too"[..]);
+        assert!(
+            !skip_interim(&mut buf),
+            "a partial head is not yet a final response"
+        );
+        buf.extend_from_slice(b" Large\r\ncontent-length: 0\r\n\r\n");
+        assert!(skip_interim(&mut buf));
+        assert_eq!(parse_head(&mut buf).unwrap().unwrap().status, 413);
+        let mut buf = BytesMut::from(&b"HTTP/1.1 101 Switching\r\n\r\n"[..]);
+        assert!(
+            skip_interim(&mut buf),
+            "101 is final for this layer (and refused)"
+        );
+        assert!(skip_interim(&mut BytesMut::from(&b"garbage\r\n"[..])));
     }
 
     #[test]

@@ -5,16 +5,28 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::Body;
 use tokio::io::AsyncWriteExt;
 
+use super::decode;
 use crate::http::request::{Framing, Prepared};
 use crate::stream::Connection;
 
 /// Data frames up to this size are copied behind what is pending (the head, a chunk size
 /// line) so that both go out in one TLS record; larger ones are written as they are.
 const COALESCE_MAX: usize = 8 * 1024;
+
+/// How writing a request ended.
+pub(super) enum Written {
+    /// All of it went out; any response bytes that arrived meanwhile (the start of the
+    /// response, after interim ones were dropped).
+    Complete(BytesMut),
+    /// The server answered while the body was still coming (e.g. a 401 or 413 to an upload):
+    /// the bytes of its response so far. The rest of the body is abandoned, so the
+    /// connection cannot be reused.
+    Early(BytesMut),
+}
 
 /// Why writing a request stopped.
 pub(super) enum WriteError {
@@ -62,18 +74,22 @@ pub(super) fn head(req: &Prepared, out: &mut Vec<u8>) {
 ///
 /// A frame that is ready at once goes out with what is pending; when the body makes us wait,
 /// what is pending is written first, so the server is never kept from the head by a slow
-/// body.
+/// body, and the connection is watched meanwhile: a server that answers before the body is
+/// complete ends the upload ([`Written::Early`]). (A server that stops reading while we are
+/// blocked writing is not detected until it closes the connection.)
 pub(super) async fn write<B>(
     conn: &mut Connection,
     mut pending: Vec<u8>,
     framing: Framing,
     mut body: Option<Pin<Box<B>>>,
-) -> Result<(), WriteError>
+) -> Result<Written, WriteError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut sent: u64 = 0;
+    // Response bytes read while waiting for the body (interim responses dropped).
+    let mut early = BytesMut::new();
     if let (Some(body), true) = (body.as_mut(), framing != Framing::Empty) {
         loop {
             // The caller's error type need not be `Send`; convert it before any await.
@@ -86,7 +102,29 @@ where
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
                     flush_pending(conn, &mut pending).await?;
-                    poll_fn(&mut next).await
+                    let waited = poll_fn(|cx| loop {
+                        if let Poll::Ready(frame) = next(cx) {
+                            return Poll::Ready(Ok(Some(frame)));
+                        }
+                        match decode::poll_read_more(conn, &mut early, cx) {
+                            Poll::Ready(Ok(0)) => {
+                                return Poll::Ready(Err(WriteError::Io(std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "the upstream closed the connection during the request body",
+                                ))))
+                            }
+                            // A 100 Continue is no reason to stop sending the body.
+                            Poll::Ready(Ok(_)) if !decode::skip_interim(&mut early) => continue,
+                            Poll::Ready(Ok(_)) => return Poll::Ready(Ok(None)),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(WriteError::Io(e))),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    })
+                    .await?;
+                    match waited {
+                        Some(frame) => frame,
+                        None => return Ok(Written::Early(std::mem::take(&mut early))),
+                    }
                 }
             };
             let frame = match frame {
@@ -108,7 +146,8 @@ where
                         }
                         pending.extend_from_slice(b"\r\n");
                         conn.write_all(&pending).await.map_err(WriteError::Io)?;
-                        return conn.flush().await.map_err(WriteError::Io);
+                        conn.flush().await.map_err(WriteError::Io)?;
+                        return Ok(Written::Complete(early));
                     }
                     // Trailers cannot follow a content-length body; HTTP/1.1 drops them.
                     continue;
@@ -149,7 +188,8 @@ where
         _ => {}
     }
     flush_pending(conn, &mut pending).await?;
-    conn.flush().await.map_err(WriteError::Io)
+    conn.flush().await.map_err(WriteError::Io)?;
+    Ok(Written::Complete(early))
 }
 
 async fn flush_pending(conn: &mut Connection, pending: &mut Vec<u8>) -> Result<(), WriteError> {

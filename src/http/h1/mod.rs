@@ -9,12 +9,12 @@ use std::future::poll_fn;
 use std::pin::Pin;
 
 use ::http::{Response, StatusCode};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::Body;
 
 pub(crate) use self::body::H1Body;
 use self::decode::{BodyLength, Decoder};
-use self::encode::WriteError;
+use self::encode::{WriteError, Written};
 use super::request::{Framing, Prepared};
 use super::{ResponseBody, UpstreamInfo};
 use crate::connector::Connector;
@@ -43,6 +43,23 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let conn = connector.get(peer).await?;
+    if conn
+        .digest()
+        .is_some_and(|d| d.alpn.as_deref() == Some(b"h2"))
+    {
+        // An `Alpn::H2H1` key learnt HTTP/1.1, but its server selects `h2` now (its
+        // configuration changed): speaking HTTP/1.1 here would be garbage to it.
+        if let Ok(key) = peer.key() {
+            connector.http_shared().forget_protocol(key);
+        }
+        return Err(super::error(
+            ErrorKind::ProtocolError,
+            peer,
+            "the server selected h2 on a connection meant for HTTP/1.1; the protocol will be \
+             learnt again",
+        )
+        .with_transient());
+    }
     let replay = req.replayable().then(|| req.clone());
     let body = (!req.replayable()).then(|| Box::pin(body));
     let failed = match exchange(connector, conn, req, body, false).await {
@@ -82,19 +99,23 @@ where
     let mut head = Vec::with_capacity(256);
     encode::head(&req, &mut head);
     let framing = req.framing;
-    if let Err(e) = encode::write(&mut conn, head, framing, body).await {
-        return Err(match e {
-            WriteError::Io(e) => io_failure(&conn, "sending the request", e, false),
-            WriteError::Body(why) => Failed {
-                error: conn_error(&conn, ErrorKind::RequestBody, why),
-                stale: false,
-            },
-        });
-    }
+    // `buf`: response bytes read so far. Empty (unallocated) unless the server answered
+    // while the body was coming; the first read allocates one TLS record's worth.
+    let (mut buf, complete) = match encode::write(&mut conn, head, framing, body).await {
+        Ok(Written::Complete(early)) => (early, true),
+        Ok(Written::Early(early)) => (early, false),
+        Err(e) => {
+            return Err(match e {
+                WriteError::Io(e) => io_failure(&conn, "sending the request", e, false),
+                WriteError::Body(why) => Failed {
+                    error: conn_error(&conn, ErrorKind::RequestBody, why),
+                    stale: false,
+                },
+            })
+        }
+    };
     debug_assert!(framing == Framing::Empty || !req.replayable());
 
-    // Allocated by the first read (one TLS record's worth); small responses arrive whole.
-    let mut buf = BytesMut::new();
     let head = loop {
         match decode::parse_head(&mut buf) {
             Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
@@ -146,7 +167,9 @@ where
             })
         }
     };
-    let keep_alive = framing_reusable
+    // An abandoned request body leaves the connection mid-message: never reuse it.
+    let keep_alive = complete
+        && framing_reusable
         && head.version == ::http::Version::HTTP_11
         && !req.close
         && !super::request::connection_has(&head.headers, "close");

@@ -90,13 +90,16 @@ where
         // Dropped with this future or the response body: tells the body pump to reset the
         // stream instead of streaming into a request nobody waits for.
         let mut alive: Option<oneshot::Sender<()>> = None;
+        let mut body_failed: Option<BodyFailure> = None;
         if !empty {
             let Some(body) = body.take() else {
                 return Err(Error::internal("request body already sent"));
             };
             let (tx, rx) = oneshot::channel();
             alive = Some(tx);
-            tokio::spawn(pump(body, stream, Arc::clone(&lease), rx));
+            let failure = BodyFailure::default();
+            body_failed = Some(Arc::clone(&failure));
+            tokio::spawn(pump(body, stream, Arc::clone(&lease), rx, failure));
         } else {
             drop(stream);
         }
@@ -116,9 +119,11 @@ where
                 } else {
                     ResponseBody::h2(H2Body {
                         recv,
+                        peer: lease.peer_description(),
                         lease: Some(lease),
                         data_done: false,
                         _alive: alive,
+                        body_failed,
                     })
                 };
                 return Ok(Sent::Response(Response::from_parts(parts, body)));
@@ -134,7 +139,12 @@ where
                 last_error = Some(e);
                 retried = true;
             }
-            Err(e) => return Err(stream_error(peer, &e)),
+            Err(e) => {
+                return Err(match body_failed.as_ref().and_then(|f| f.get()) {
+                    Some(why) => super::error(ErrorKind::RequestBody, peer, why.clone()),
+                    None => stream_error(peer, &e),
+                })
+            }
         }
     }
     Err(super::error(
@@ -200,6 +210,10 @@ fn stream_error(peer: &Peer, e: &h2::Error) -> Error {
     super::error(kind, peer, format!("HTTP/2 stream failed: {e}"))
 }
 
+/// Why the request body failed, set by its pump before it resets the stream, so the error
+/// the caller sees is `RequestBody` rather than the reset it caused.
+type BodyFailure = Arc<std::sync::OnceLock<String>>;
+
 /// Streams the request body into the h2 stream, respecting flow control: capacity is
 /// reserved for each frame and data sent only as the server's window allows, so a slow
 /// server slows the body's producer instead of filling memory.
@@ -208,6 +222,7 @@ async fn pump<B>(
     mut stream: SendStream<Bytes>,
     lease: Arc<StreamLease>,
     mut alive: oneshot::Receiver<()>,
+    failure: BodyFailure,
 ) where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -234,6 +249,7 @@ async fn pump<B>(
             Some(Err(e)) => {
                 let e: Box<dyn std::error::Error + Send + Sync> = e;
                 tracing::debug!(error = %e, "request body failed; resetting the stream");
+                let _ = failure.set(format!("the request body failed: {e}"));
                 stream.send_reset(Reason::CANCEL);
                 return;
             }
@@ -284,6 +300,10 @@ pub(crate) struct H2Body {
     data_done: bool,
     /// See `send`: dropping it cancels a request body still streaming.
     _alive: Option<oneshot::Sender<()>>,
+    /// Set when the request body failed (and its pump reset the stream).
+    body_failed: Option<BodyFailure>,
+    /// For error messages.
+    peer: Arc<str>,
 }
 
 impl H2Body {
@@ -318,12 +338,15 @@ impl H2Body {
 
     fn fail(&mut self, e: &h2::Error) -> Error {
         self.lease = None;
+        if let Some(why) = self.body_failed.as_ref().and_then(|f| f.get()) {
+            return Error::new(ErrorKind::RequestBody, why.clone()).with_peer(&*self.peer);
+        }
         let kind = if e.is_io() || e.is_reset() || e.is_go_away() || e.is_remote() {
             ErrorKind::UpstreamIo
         } else {
             ErrorKind::ProtocolError
         };
-        Error::new(kind, format!("HTTP/2 response body failed: {e}"))
+        Error::new(kind, format!("HTTP/2 response body failed: {e}")).with_peer(&*self.peer)
     }
 
     pub(crate) fn is_end_stream(&self) -> bool {

@@ -62,6 +62,8 @@ pub(crate) struct H2Key {
     /// finished or failed, a connection went away (its pool slot is then free).
     notify: Notify,
     pub(super) metrics: HttpMetrics,
+    /// `address SNI "name"`, for error messages (shared, not rebuilt per request).
+    description: Arc<str>,
 }
 
 struct KeyState {
@@ -139,6 +141,7 @@ impl Shared {
                         }),
                         notify: Notify::new(),
                         metrics: HttpMetrics::new(peer_label.then(|| peer.name())),
+                        description: peer.describe().into(),
                     })
                 })
                 .value(),
@@ -154,6 +157,19 @@ impl Drop for H2Key {
         for c in st.conns.drain(..) {
             self.metrics.connections.decrement(1.0);
             self.metrics.requests_per_connection.record(c.sent as f64);
+        }
+    }
+}
+
+impl Shared {
+    /// Forgets that `key` speaks HTTP/1.1 (its server now selects `h2`): the next request
+    /// finds out again.
+    pub(crate) fn forget_protocol(&self, key: &PeerKey) {
+        if let Some(k) = self.keys.get(key) {
+            let mut st = k.state.lock();
+            if st.learnt == Learnt::H1 {
+                st.learnt = Learnt::Unknown;
+            }
         }
     }
 }
@@ -308,6 +324,11 @@ impl KeyState {
 }
 
 impl StreamLease {
+    /// The peer, for error messages.
+    pub(super) fn peer_description(&self) -> Arc<str> {
+        Arc::clone(&self.key.description)
+    }
+
     /// The stream went out: count it as a `reused` checkout unless it is the connection's
     /// first (which its dial counted as `new`).
     pub(super) fn sent(&self) {
