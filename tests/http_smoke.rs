@@ -473,3 +473,30 @@ fn unusable_http_options_are_invalid_config() {
     assert_eq!(defaults.h2_ping_interval, None);
     assert_eq!(defaults.h2_ping_timeout, Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_past_max_lifetime_takes_no_new_streams_and_closes() {
+    let server = HttpServer::builder().start();
+    let http = http_with(|o| o.max_lifetime = Some(Duration::from_millis(200)));
+    let p = peer(&server, Alpn::H2);
+    assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, false));
+    assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Expired: the next request dials a new connection, and the old one is closed.
+    assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, false));
+    let stats = server.wait_for(|s| s.open == 1).await;
+    assert_eq!(stats.accepted, 2);
+    assert_eq!(stats.conns[0].requests, 2);
+    assert!(stats.conns[0].closed, "{stats:#?}");
+    assert_eq!(http.connector().connection_count_for(&p), 1);
+    // Huge durations everywhere are "never", not an overflow panic.
+    let http = http_with(|o| {
+        o.max_lifetime = Some(Duration::MAX);
+        o.wait_timeout = Duration::MAX;
+        o.h2_ping_interval = Some(Duration::MAX);
+        o.h2_ping_timeout = Duration::MAX;
+    });
+    let p = p.with_idle_timeout(Duration::MAX);
+    assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, false));
+    assert_eq!(fetch(&http, &p).await, (http::Version::HTTP_2, true));
+}

@@ -61,7 +61,9 @@
 //! frame) has been applied; the limit is re-read on every pick. Each connection has one
 //! driver task (the `h2` connection must be polled), which also runs the optional PING
 //! keepalive and the idle timeout (the peer's, else the connector's). Its pooled
-//! `Connection` counts as in use for its whole life and is never pooled idle.
+//! `Connection` counts as in use for its whole life and is never pooled idle. Past
+//! `max_lifetime` a connection takes no new streams and closes when its last one ends;
+//! `max_uses` does not apply (streams are not checkouts).
 //!
 //! **GOAWAY.** A connection that received GOAWAY takes no new streams; its streams in flight
 //! finish and it closes when they are done. A request that never went out because GOAWAY

@@ -154,6 +154,13 @@ pub(super) async fn connect(connector: &Connector, peer: &Peer, offer: Offer) ->
     })))
 }
 
+/// `at + d`, saturating: a huge timeout (`Duration::MAX` from configuration) means a time
+/// that never comes, not an overflow panic. 30 years is "never" for a timer.
+pub(super) fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(30 * 365 * 24 * 3600))
+}
+
 fn protocol_error(peer: &Peer, why: String) -> Error {
     Error::new(ErrorKind::ProtocolError, why).with_peer(peer.describe())
 }
@@ -180,8 +187,8 @@ pub(super) async fn run(
     // The registry holds the handle new streams are opened with; this one would keep the
     // connection from ever finishing on its own.
     drop(send);
-    let mut idle_at = Instant::now() + timers.idle;
-    let mut next_ping = timers.ping_interval.map(|p| Instant::now() + p);
+    let mut idle_at = later(Instant::now(), timers.idle);
+    let mut next_ping = timers.ping_interval.map(|p| later(Instant::now(), p));
     let mut pong_due: Option<Instant> = None;
     loop {
         let wake = [Some(idle_at), next_ping, pong_due]
@@ -204,7 +211,7 @@ pub(super) async fn run(
                     return false;
                 }
                 pong_due = None;
-                next_ping = timers.ping_interval.map(|p| Instant::now() + p);
+                next_ping = timers.ping_interval.map(|p| later(Instant::now(), p));
             }
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
@@ -223,7 +230,7 @@ pub(super) async fn run(
                         return false;
                     }
                     next_ping = None;
-                    pong_due = Some(now + timers.ping_timeout);
+                    pong_due = Some(later(now, timers.ping_timeout));
                 }
             }
         }

@@ -9,8 +9,9 @@
 //! pool never calls back into this module.
 //!
 //! A connection's states, from one field each: *ready* (`!draining`, in `conns`), *draining*
-//! (GOAWAY received or idle-closed: `draining`, takes no new streams), *gone* (its driver
-//! ended: removed from `conns`).
+//! (GOAWAY received, past `max_lifetime`, or closing idle: `draining`, takes no new streams,
+//! retired when its last stream ends), *gone* (retired or its driver ended: removed from
+//! `conns`).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -99,6 +100,9 @@ struct ConnEntry {
     goaway_counted: bool,
     /// Since when it has had no streams; `None` while it has some.
     idle_since: Option<Instant>,
+    /// `max_lifetime` after it was established: from then on it takes no new streams and
+    /// closes once its last one ends (as a pooled connection is retired at checkout).
+    expires: Option<Instant>,
 }
 
 /// The right to one stream on one connection; dropping it frees the stream slot.
@@ -250,7 +254,7 @@ pub(crate) async fn acquire(
             // Waiting for a dial is bounded by the dial's own timeouts; waiting at the cap
             // (nothing dialling) by `wait_timeout`, counted from the first time.
             if st.dialing == 0 && deadline.is_none() {
-                deadline = Some(Instant::now() + options.wait_timeout);
+                deadline = Some(conn::later(Instant::now(), options.wait_timeout));
             }
             // Registered before the lock is released, so no wake-up can be missed.
             notified.as_mut().enable();
@@ -284,6 +288,16 @@ impl KeyState {
     /// or least loaded: streams pack onto as few connections as possible, so surplus ones
     /// fall idle and close on the idle timeout instead of each keeping a trickle alive.
     fn pick(&mut self, key: &Arc<H2Key>, max_streams: usize) -> Option<StreamLease> {
+        // One clock read, and only when `max_lifetime` is set.
+        if self.conns.iter().any(|c| c.expires.is_some()) {
+            let now = Instant::now();
+            for c in &mut self.conns {
+                if c.expires.is_some_and(|at| now >= at) {
+                    c.draining = true;
+                }
+            }
+            self.retire_drained(key);
+        }
         let mut best: Option<usize> = None;
         for (i, c) in self.conns.iter().enumerate() {
             if c.draining {
@@ -312,6 +326,20 @@ impl KeyState {
             digest: c.digest.clone(),
             pool_metrics: Arc::clone(&c.pool_metrics),
         })
+    }
+
+    /// Retires draining connections without streams. Dropping their stream-opening handle
+    /// makes `h2` close them (its driver then ends); no stream can start on them any more.
+    fn retire_drained(&mut self, key: &H2Key) {
+        let done: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|c| c.draining && c.active == 0)
+            .map(|c| c.id)
+            .collect();
+        for id in done {
+            self.retire(key, id);
+        }
     }
 
     fn retire(&mut self, key: &H2Key, id: u64) {
@@ -373,6 +401,10 @@ impl Drop for StreamLease {
                 c.active -= 1;
                 if c.active == 0 {
                     c.idle_since = Some(Instant::now());
+                    if c.draining {
+                        // Its last stream: close it now rather than at its idle timeout.
+                        st.retire(&self.key, self.id);
+                    }
                 }
             }
             st.waiting
@@ -423,6 +455,10 @@ async fn dial(connector: Connector, peer: Peer, key: Arc<H2Key>, offer: Offer) {
                     sent: 0,
                     goaway_counted: false,
                     idle_since: Some(Instant::now()),
+                    // `checked_add`: a huge `max_lifetime` means never, not a panic.
+                    expires: options
+                        .max_lifetime
+                        .and_then(|life| Instant::now().checked_add(life)),
                 });
                 key.metrics.connections.increment(1.0);
                 id
@@ -461,14 +497,14 @@ async fn drive(ready: Box<conn::Ready>, key: Weak<H2Key>, id: u64, timers: conn:
             let mut st = key.state.lock();
             let c = st.conns.iter_mut().find(|c| c.id == id)?;
             match c.idle_since {
-                Some(since) if now >= since + idle => {
+                Some(since) if now >= conn::later(since, idle) => {
                     // Closing: no stream may start on it from here on.
                     c.draining = true;
                     st.retire(&key, id);
                     None
                 }
-                Some(since) => Some(since + idle),
-                None => Some(now + idle),
+                Some(since) => Some(conn::later(since, idle)),
+                None => Some(conn::later(now, idle)),
             }
         }
     };
