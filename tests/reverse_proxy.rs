@@ -1502,7 +1502,7 @@ impl Drop for ExampleProcess {
 const TEN_MIB: usize = 10 * 1024 * 1024;
 
 /// Downloads and uploads 10 MiB through `proxy` and checks that both arrived intact and that
-/// the proxy's peak RSS grew by far less than the body.
+/// the proxy's peak RSS grew by less than half the body.
 async fn ten_mib_each_way(proxy: &ExampleProcess, download_path: &str, upload: bool) {
     let mut client = h1_stream_client(proxy.addr).await;
     // Warm up: the first request dials the upstream and grows the allocator's arenas.
@@ -1565,8 +1565,11 @@ async fn ten_mib_each_way(proxy: &ExampleProcess, download_path: &str, upload: b
 
     let (rss, peak) = proxy.memory_kib();
     let grew = peak.saturating_sub(before);
+    // Half the body: flow control legitimately lets a few MiB wait in the proxy (the
+    // library's HTTP/2 stream window is 2 MiB; 2-3 MiB of growth seen), a proxy that buffers
+    // the body holds all of it (20 MiB seen: the body plus the copy it is collected into).
     assert!(
-        grew < 3 * 1024,
+        grew < TEN_MIB as u64 / 1024 / 2,
         "the proxy's peak RSS grew by {grew} KiB (from {before} to {peak}, now {rss}) moving \
          10 MiB: it buffers bodies\n{}",
         proxy.log.lock()
