@@ -6,6 +6,7 @@
 #   benches/proxy_vs_nginx.sh            # 10 s per run
 #   DURATION=30 CONNECTIONS=64 ROUNDS=5 benches/proxy_vs_nginx.sh
 #   PERF_OUT=/tmp/example.perf.txt benches/proxy_vs_nginx.sh   # also profile the example
+#   H2=0 benches/proxy_vs_nginx.sh       # only the HTTP/1.1-upstream rows
 #
 # Needs: cargo, nginx, wrk, openssl, taskset, curl (Debian: apt-get install -y nginx wrk curl).
 #
@@ -23,6 +24,11 @@
 #
 # Both proxies verify the upstream certificate and its name, resume TLS sessions and keep up
 # to 64 idle upstream connections.
+#
+# HTTP/2 upstream rows (H2=1, the default): the same upstream nginx also listens with
+# `ssl http2`; a second example process forwards to it with `--alpn h2` (one multiplexed
+# connection carries many requests), and nginx reaches it with `grpc_pass grpcs://`, the only
+# way nginx proxies to an HTTP/2 upstream. Clients still speak HTTP/1.1 (wrk) to both.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -35,6 +41,10 @@ LOAD_CPUS=${LOAD_CPUS:-$( [ "$NCPU" -gt 1 ] && echo "0-$((NCPU - 2))" || echo 0 
 UPSTREAM_PORT=${UPSTREAM_PORT:-18443}
 EXAMPLE_PORT=${EXAMPLE_PORT:-18080}
 NGINX_PORT=${NGINX_PORT:-18081}
+UPSTREAM_H2_PORT=${UPSTREAM_H2_PORT:-18444}
+EXAMPLE_H2_PORT=${EXAMPLE_H2_PORT:-18082}
+NGINX_GRPC_PORT=${NGINX_GRPC_PORT:-18083}
+H2=${H2:-1}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Debian installs nginx in /usr/sbin, which is not on every PATH.
@@ -61,9 +71,10 @@ wait_port() { # port
     return 1
 }
 
-for port in "$UPSTREAM_PORT" "$EXAMPLE_PORT" "$NGINX_PORT"; do
+for port in "$UPSTREAM_PORT" "$EXAMPLE_PORT" "$NGINX_PORT" "$UPSTREAM_H2_PORT" "$EXAMPLE_H2_PORT" \
+    "$NGINX_GRPC_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is already in use (set UPSTREAM_PORT / EXAMPLE_PORT / NGINX_PORT)" >&2
+        echo "port $port is already in use (set UPSTREAM_PORT / EXAMPLE_PORT / NGINX_PORT / ..._H2_PORT)" >&2
         exit 1
     fi
 done
@@ -108,6 +119,13 @@ http {
         location / { return 200 "hello from the upstream\n"; }
         location = /status { stub_status; }
     }
+    server {
+        listen 127.0.0.1:$UPSTREAM_H2_PORT ssl http2 backlog=4096;
+        http2_max_concurrent_streams 128;
+        ssl_certificate $work/server.pem;
+        ssl_certificate_key $work/server.key;
+        location / { return 200 "hello from the upstream\n"; }
+    }
 }
 EOF
 start_nginx upstream "$LOAD_CPUS"
@@ -118,10 +136,19 @@ echo "building the example (release)..." >&2
 (cd "$root" && cargo build --release --example reverse_proxy -q)
 taskset -c "$PROXY_CPU" "$root/target/release/examples/reverse_proxy" \
     --listen "127.0.0.1:$EXAMPLE_PORT" --upstream "127.0.0.1:$UPSTREAM_PORT" \
-    --sni localhost --ca "$work/ca.pem" --threads 1 2>"$work/example.log" &
+    --sni localhost --ca "$work/ca.pem" --alpn h1 --threads 1 2>"$work/example.log" &
 example_pid=$!
 pids+=($example_pid)
 wait_port "$EXAMPLE_PORT"
+example_h2_pid=
+if [ "$H2" = 1 ]; then
+    taskset -c "$PROXY_CPU" "$root/target/release/examples/reverse_proxy" \
+        --listen "127.0.0.1:$EXAMPLE_H2_PORT" --upstream "127.0.0.1:$UPSTREAM_H2_PORT" \
+        --sni localhost --ca "$work/ca.pem" --alpn h2 --threads 1 2>"$work/example-h2.log" &
+    example_h2_pid=$!
+    pids+=($example_h2_pid)
+    wait_port "$EXAMPLE_H2_PORT"
+fi
 
 # --- (b) nginx as the reverse proxy.
 cat > proxy.conf <<EOF
@@ -148,6 +175,22 @@ http {
             proxy_ssl_trusted_certificate $work/ca.pem;
         }
     }
+    upstream backend_h2 {
+        server 127.0.0.1:$UPSTREAM_H2_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_GRPC_PORT backlog=4096;
+        location / {
+            grpc_pass grpcs://backend_h2;
+            grpc_ssl_session_reuse on;
+            grpc_ssl_server_name on;
+            grpc_ssl_name localhost;
+            grpc_ssl_verify on;
+            grpc_ssl_trusted_certificate $work/ca.pem;
+        }
+    }
 }
 EOF
 start_nginx proxy "$PROXY_CPU"
@@ -155,7 +198,9 @@ nginx_pid=$!
 wait_port "$NGINX_PORT"
 
 # Sanity: both answer with the upstream's body; the example reports reuse.
-for port in "$EXAMPLE_PORT" "$NGINX_PORT"; do
+sanity_ports=("$EXAMPLE_PORT" "$NGINX_PORT")
+[ "$H2" = 1 ] && sanity_ports+=("$EXAMPLE_H2_PORT" "$NGINX_GRPC_PORT")
+for port in "${sanity_ports[@]}"; do
     body=$(curl -fsS "http://127.0.0.1:$port/")
     [ "$body" = "hello from the upstream" ] || { echo "port $port answered: $body" >&2; exit 1; }
 done
@@ -168,8 +213,8 @@ cpu_ticks() { # pid -> "utime stime" in clock ticks
 upstream_accepts() { # connections the upstream has accepted so far
     curl -fsSk "https://127.0.0.1:$UPSTREAM_PORT/status" | awk 'NR == 3 { print $1 }'
 }
-upstream_conns() { # pid -> established connections from that process to the upstream
-    ss -Htnp state established "( dport = :$UPSTREAM_PORT )" | grep -c "pid=$1," || true
+upstream_conns() { # pid upstream_port -> established connections from that process to it
+    ss -Htnp state established "( dport = :$2 )" | grep -c "pid=$1," || true
 }
 to_us() { # wrk latency ("812.00us", "1.25ms", "2.01s") -> microseconds
     awk -v v="$1" 'BEGIN {
@@ -186,8 +231,8 @@ HZ=$(getconf CLK_TCK)
 results="$work/results.tsv" # label conns round rps p50_us p99_us cpu_pct us_per_req user_us sys_us
 : > "$results"
 
-run() { # label port pid connections round
-    local label=$1 port=$2 pid=$3 conns=$4 round=$5
+run() { # label port pid connections round upstream_port
+    local label=$1 port=$2 pid=$3 conns=$4 round=$5 upstream_port=$6
     # Warm up: connections, TLS sessions, caches.
     taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null
     local before after accepts_before accepts_after out perf_pid=""
@@ -235,19 +280,33 @@ run() { # label port pid connections round
     echo "round $round $label c=$conns: $rps req/s, p50 ${p50}us, p99 ${p99}us," \
         "proxy CPU $(tail -1 "$results" | cut -f7 | xargs printf '%.0f')%," \
         "$(tail -1 "$results" | cut -f8 | xargs printf '%.1f') us CPU/request," \
-        "upstream connections open $(upstream_conns "$pid")," \
+        "upstream connections open $(upstream_conns "$pid" "$upstream_port")," \
         "dialled during the run $((accepts_after - accepts_before - 1))" >&2
 }
 
 for round in $(seq "$ROUNDS"); do
     for conns in 1 "$CONNECTIONS"; do
         if [ $((round % 2)) = 1 ]; then
-            run example "$EXAMPLE_PORT" "$example_pid" "$conns" "$round"
-            run nginx "$NGINX_PORT" "$nginx_pid" "$conns" "$round"
+            run example "$EXAMPLE_PORT" "$example_pid" "$conns" "$round" "$UPSTREAM_PORT"
+            run nginx "$NGINX_PORT" "$nginx_pid" "$conns" "$round" "$UPSTREAM_PORT"
         else
-            run nginx "$NGINX_PORT" "$nginx_pid" "$conns" "$round"
-            run example "$EXAMPLE_PORT" "$example_pid" "$conns" "$round"
+            run nginx "$NGINX_PORT" "$nginx_pid" "$conns" "$round" "$UPSTREAM_PORT"
+            run example "$EXAMPLE_PORT" "$example_pid" "$conns" "$round" "$UPSTREAM_PORT"
         fi
+        [ "$H2" = 1 ] || continue
+        if [ $((round % 2)) = 1 ]; then
+            run example-h2 "$EXAMPLE_H2_PORT" "$example_h2_pid" "$conns" "$round" "$UPSTREAM_H2_PORT"
+            run nginx-grpc "$NGINX_GRPC_PORT" "$nginx_pid" "$conns" "$round" "$UPSTREAM_H2_PORT"
+        else
+            run nginx-grpc "$NGINX_GRPC_PORT" "$nginx_pid" "$conns" "$round" "$UPSTREAM_H2_PORT"
+            run example-h2 "$EXAMPLE_H2_PORT" "$example_h2_pid" "$conns" "$round" "$UPSTREAM_H2_PORT"
+        fi
+        # Upstream connections each HTTP/2-upstream proxy holds after the run.
+        for pair in "example-h2 $example_h2_pid" "nginx-grpc $nginx_pid"; do
+            read -r label pid <<<"$pair"
+            printf '%s\t%s\t%s\t%s\n' "$label" "$conns" "$round" \
+                "$(upstream_conns "$pid" "$UPSTREAM_H2_PORT")" >> "$work/h2conns.tsv"
+        done
     done
 done
 
@@ -261,10 +320,12 @@ echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -1 | awk
 echo "layout: proxy on CPU $PROXY_CPU (1 thread / 1 worker); wrk (-t$WRK_THREADS) and upstream nginx on CPU $LOAD_CPUS"
 echo "runs: ${DURATION}s each, $ROUNDS rounds, medians shown; CPU pressure while running: $(awk '/some/ { print $2 }' /proc/pressure/cpu 2>/dev/null || echo n/a)"
 echo
-printf '%-8s %5s %10s %9s %9s %9s %11s %9s %9s\n' proxy conns "req/s" "p50 us" "p99 us" "CPU %" "CPU us/req" "user us" "sys us"
+labels=(example nginx)
+[ "$H2" = 1 ] && labels+=(example-h2 nginx-grpc)
+printf '%-10s %5s %10s %9s %9s %9s %11s %9s %9s\n' proxy conns "req/s" "p50 us" "p99 us" "CPU %" "CPU us/req" "user us" "sys us"
 for conns in 1 "$CONNECTIONS"; do
-    for label in example nginx; do
-        printf '%-8s %5s %10.0f %9.0f %9.0f %9.0f %11.1f %9.1f %9.1f\n' "$label" "$conns" \
+    for label in "${labels[@]}"; do
+        printf '%-10s %5s %10.0f %9.0f %9.0f %9.0f %11.1f %9.1f %9.1f\n' "$label" "$conns" \
             "$(med "$label" "$conns" 4)" "$(med "$label" "$conns" 5)" "$(med "$label" "$conns" 6)" \
             "$(med "$label" "$conns" 7)" "$(med "$label" "$conns" 8)" "$(med "$label" "$conns" 9)" \
             "$(med "$label" "$conns" 10)"
@@ -276,3 +337,14 @@ for conns in 1 "$CONNECTIONS"; do
         -v ca="$(med example "$conns" 8)" -v cb="$(med nginx "$conns" 8)" -v c="$conns" \
         'BEGIN { printf "example/nginx at c=%s: %.2f x the requests/s; %.2f x the requests per CPU-second (nginx CPU/request / example CPU/request)\n", c, a / b, cb / ca }'
 done
+if [ "$H2" = 1 ]; then
+    for conns in 1 "$CONNECTIONS"; do
+        awk -v a="$(med example-h2 "$conns" 4)" -v b="$(med nginx-grpc "$conns" 4)" \
+            -v ca="$(med example-h2 "$conns" 8)" -v cb="$(med nginx-grpc "$conns" 8)" -v c="$conns" \
+            'BEGIN { printf "example-h2/nginx-grpc at c=%s: %.2f x the requests/s; %.2f x the requests per CPU-second\n", c, a / b, cb / ca }'
+    done
+    for label in example-h2 nginx-grpc; do
+        echo "$label: upstream HTTP/2 connections open after each c=$CONNECTIONS run:" \
+            "$(awk -v l="$label" -v c="$CONNECTIONS" -F'\t' '$1 == l && $2 == c { printf "%s ", $4 }' "$work/h2conns.tsv")"
+    done
+fi

@@ -112,6 +112,15 @@ async fn bench_with_reuse_reuses_almost_every_connection() {
     let ratio = v["reuse_ratio"].as_f64().unwrap();
     assert!(ratio > 0.9, "reuse ratio {ratio}: {v}");
     assert_eq!(v["statuses"]["200"], v["requests"]);
+    assert_eq!(v["protocol"], "HTTP/1.1", "{v}");
+    assert_eq!(
+        v["streams_per_connection"]["max"].as_f64(),
+        Some(1.0),
+        "{v}"
+    );
+    let seen = &v["embedded_server"];
+    assert_eq!(seen["connections"], v["connections_opened"], "{v}");
+    assert_eq!(seen["max_streams_per_connection"], 1, "{v}");
     let opened = v["connections_opened"].as_u64().unwrap();
     assert!(
         (1..=16).contains(&opened),
@@ -142,7 +151,22 @@ async fn bench_without_reuse_opens_a_connection_per_request_and_resumes() {
     assert_eq!(v["reuse_ratio"].as_f64(), Some(0.0), "{v}");
     assert_eq!(v["reused_checkouts"], 0, "{v}");
     assert!(v["requests"].as_u64().unwrap() > 10, "{v}");
-    assert_eq!(v["connections_opened"], v["checkouts"], "{v}");
+    // One per connection the server accepted (the preflight connection is not part of the
+    // run) and one per checkout, give or take the dials in flight at the deadline (at most
+    // one per worker): the client counts a handshake when it completes on its side, the
+    // server a moment later.
+    let opened = v["connections_opened"].as_u64().unwrap();
+    let accepted = v["embedded_server"]["connections"].as_u64().unwrap();
+    assert!(
+        (accepted..=accepted + 16).contains(&opened),
+        "{opened} connections opened, the server accepted {accepted}: {v}"
+    );
+    let checkouts = v["checkouts"].as_u64().unwrap();
+    assert!(
+        (checkouts..=checkouts + 16).contains(&opened),
+        "{opened} connections opened for {checkouts} checkouts: {v}"
+    );
+    assert_eq!(v["protocol"], "HTTP/1.1", "{v}");
     // Resumption still applies to the fresh connections.
     let hs = &v["handshakes"];
     assert!(
@@ -562,4 +586,84 @@ async fn unreadable_or_unusable_pem_exits_2_with_one_line() {
         assert_code(&out, 2, &format!("{args:?}"));
         assert_one_line_error(&out, needle);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_over_http2_multiplexes_the_workers_over_one_connection() {
+    let out = run(&[
+        "bench",
+        "--alpn",
+        "h2",
+        "-c",
+        "64",
+        "--duration",
+        "2",
+        "--json",
+    ])
+    .await;
+    assert_code(&out, 0, "bench --alpn h2 -c 64");
+    let v = json(&out);
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["protocol"], "HTTP/2", "{v}");
+    assert!(v["requests"].as_u64().unwrap() > 100, "{v}");
+    let seen = &v["embedded_server"];
+    // The server's view: every connection it accepted spoke HTTP/2, and the 64 workers'
+    // requests overlapped on one connection (its stream limit, 128, leaves room for all).
+    assert_eq!(seen["connections"], v["connections_opened"], "{v}");
+    assert_eq!(seen["h2_connections"], seen["connections"], "{v}");
+    let opened = v["connections_opened"].as_u64().unwrap();
+    assert!(
+        (1..=4).contains(&opened),
+        "{opened} connections for 64 streams: {v}"
+    );
+    let peak = seen["max_streams_per_connection"].as_u64().unwrap();
+    assert!(
+        peak > 16,
+        "at most {peak} streams in flight on one connection: {v}"
+    );
+    assert!(
+        v["streams_per_connection"]["max"].as_f64().unwrap() > 16.0,
+        "{v}"
+    );
+    assert_eq!(v["tls"]["alpn"], "h2", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_over_http2_respects_the_servers_stream_limit() {
+    let out = run(&[
+        "bench",
+        "--alpn",
+        "h2",
+        "-c",
+        "32",
+        "--embedded-max-streams",
+        "8",
+        "--requests",
+        "2000",
+        "--json",
+    ])
+    .await;
+    assert_code(&out, 0, "bench --alpn h2 --embedded-max-streams 8");
+    let v = json(&out);
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["requests"], 2000, "{v}");
+    let seen = &v["embedded_server"];
+    let peak = seen["max_streams_per_connection"].as_u64().unwrap();
+    assert!(
+        peak <= 8,
+        "{peak} streams in flight on one connection, limit 8: {v}"
+    );
+    let opened = v["connections_opened"].as_u64().unwrap();
+    assert!(
+        (4..=8).contains(&opened),
+        "32 streams at 8 per connection took {opened} connections: {v}"
+    );
+    assert_eq!(seen["connections"], v["connections_opened"], "{v}");
+}
+
+#[tokio::test]
+async fn bench_refuses_reuse_off_over_http2() {
+    let out = run(&["bench", "--alpn", "h2", "--reuse", "off"]).await;
+    assert_code(&out, 2, "bench --alpn h2 --reuse off");
+    assert_one_line_error(&out, "HTTP/1.1");
 }

@@ -21,8 +21,10 @@ pub(crate) struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Send keep-alive `GET /` requests for a while and summarise latency, reuse and
-    /// handshakes. Without --target, an embedded TLS upstream on 127.0.0.1 is started.
+    /// Send `GET /` requests through `upstream_pool::http` (HTTP/1.1 keep-alive, or HTTP/2
+    /// streams with --alpn h2) for a while and summarise latency, reuse, streams per
+    /// connection and handshakes. Without --target, an embedded TLS upstream (HTTP/2 and
+    /// HTTP/1.1) on 127.0.0.1 is started.
     Bench(BenchArgs),
     /// Open one connection and print what was negotiated (like `openssl s_client`).
     Probe(ProbeArgs),
@@ -55,8 +57,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, short = 'n', value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) requests: Option<u64>,
 
-    /// `on`: return each connection to the pool after its response; `off`: a fresh
-    /// connection per request.
+    /// `on`: return each HTTP/1.1 connection to the pool after its response; `off`: a fresh
+    /// connection per request (HTTP/1.1 only: an HTTP/2 connection is shared by design).
     #[arg(long, value_enum, default_value_t = Switch::On, conflicts_with = "compare")]
     pub(crate) reuse: Switch,
 
@@ -77,6 +79,12 @@ pub(crate) struct BenchArgs {
     /// clock starts; the summary counts their handshakes apart from the run's. Defaults to 0.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub(crate) preconnect: u32,
+
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the embedded upstream announces on HTTP/2
+    /// connections (only without --target). Defaults to 128, so `-c 16` and `-c 64` fit on
+    /// one connection.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) embedded_max_streams: Option<u32>,
 
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9000) while running.
     #[arg(long, value_name = "ADDR")]

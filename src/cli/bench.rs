@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::sync::watch;
+use upstream_pool::http::HttpConnector;
 use upstream_pool::{Connector, ConnectorOptions, Peer};
 
-use super::args::BenchArgs;
-use super::embedded_server::EmbeddedServer;
+use super::args::{AlpnArg, BenchArgs, Switch};
+use super::embedded_server::{self, EmbeddedServer};
 use super::load::{self, Plan};
+use super::observe;
 use super::report::{self, Comparison, RunInfo, Warmed};
 use super::stats::RunStats;
 use super::target::{connect_first, Target, TlsSettings};
@@ -61,6 +63,12 @@ const COMPARE: [Mode; 3] = [
 /// `Usage` for flags that do not fit together, unreadable files, an unusable
 /// `--metrics-addr`; `Failed` when the upstream cannot be reached or no request succeeded.
 pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
+    if args.target.is_some() && args.embedded_max_streams.is_some() {
+        return Err(CliError::Usage(
+            "--embedded-max-streams applies to the embedded upstream only (not with --target)"
+                .into(),
+        ));
+    }
     if args.target.is_none() {
         let flags = args.tls.target_only_flags();
         if !flags.is_empty() {
@@ -71,16 +79,34 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
             )));
         }
     }
+    if matches!(args.tls.alpn, Some(AlpnArg::H2)) && (args.reuse == Switch::Off || args.compare) {
+        return Err(CliError::Usage(
+            "--reuse off and --compare need HTTP/1.1 (--alpn h1 or no --alpn): an HTTP/2 \
+             connection is shared by many requests by design"
+                .into(),
+        ));
+    }
     // Read files before starting anything, so a typo fails fast with exit code 2.
     let settings = TlsSettings::load(&args.tls)?;
 
-    if let Some(addr) = args.metrics_addr {
-        // Before any connector exists: metric handles are resolved when a peer's pool is
-        // first used, and handles resolved without a recorder stay no-ops.
-        PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| CliError::Usage(format!("cannot serve metrics on {addr}: {e}")))?;
+    // Before any connector exists: metric handles are resolved when a peer's pool is first
+    // used, and handles resolved without a recorder stay no-ops.
+    let prometheus = match args.metrics_addr {
+        Some(addr) => {
+            let (recorder, exporter) = PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .build()
+                .map_err(|e| CliError::Usage(format!("cannot serve metrics on {addr}: {e}")))?;
+            tokio::spawn(async move {
+                // It serves until the runtime shuts down; an error ends only the exporter.
+                let _ = exporter.await;
+            });
+            Some(recorder)
+        }
+        None => None,
+    };
+    observe::install(prometheus).map_err(CliError::Failed)?;
+    if args.metrics_addr.is_some() {
         upstream_pool::metrics::describe_metrics();
     }
 
@@ -107,12 +133,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
     let mut results: Vec<(RunInfo, RunStats)> = Vec::with_capacity(modes.len());
     for mode in modes {
         let connector = connector(mode, args.concurrency, args.preconnect)?;
-        let warm = preconnect(&connector, &upstream.peer, args.preconnect).await?;
+        let http = HttpConnector::new(connector.clone());
+        let warm = preconnect(&http, &upstream.peer, args.preconnect).await?;
         let plan = Plan {
-            connector: connector.clone(),
+            http: http.clone(),
             peer: upstream.peer.clone(),
             host: upstream.host.clone(),
-            reuse: mode.reuse,
             concurrency: args.concurrency,
             duration,
             requests: args.requests,
@@ -127,15 +153,26 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
             interrupted: false,
             warm,
             peer_stats: Vec::new(),
+            server: None,
         };
+        let seen_before = upstream.embedded.as_ref().map(EmbeddedServer::seen);
+        let handshakes_before = observe::taps().handshakes();
         let outcome = load::run(plan, info_mode.mode(), interrupt.clone(), args.json).await;
         let info = RunInfo {
             elapsed: outcome.elapsed,
             interrupted: outcome.interrupted,
             peer_stats: connector.stats(),
+            server: upstream
+                .embedded
+                .as_ref()
+                .zip(seen_before)
+                .map(|(server, before)| server.seen().since(before)),
             ..info_mode
         };
-        results.push((info, outcome.stats));
+        let mut stats = outcome.stats;
+        stats.handshakes = observe::taps().handshakes().since(handshakes_before);
+        stats.negotiated = observe::taps().negotiated().cloned();
+        results.push((info, stats));
         if outcome.interrupted {
             break;
         }
@@ -180,15 +217,15 @@ fn print_results(args: &BenchArgs, results: &[(RunInfo, RunStats)]) -> Result<()
 
 /// Dials `n` idle connections before the clock starts; their handshakes are counted here,
 /// apart from the run's (the run hands them out as pooled connections).
-async fn preconnect(connector: &Connector, peer: &Peer, n: u32) -> Result<Warmed, CliError> {
+async fn preconnect(http: &HttpConnector, peer: &Peer, n: u32) -> Result<Warmed, CliError> {
     if n == 0 {
         return Ok(Warmed::default());
     }
-    let idle = connector
+    let idle = http
         .preconnect(peer, n as usize)
         .await
         .map_err(|e| CliError::Failed(format!("preconnect failed: {e}")))?;
-    let stats = connector.stats_for(peer);
+    let stats = http.connector().stats_for(peer);
     Ok(Warmed {
         idle,
         full_handshakes: stats.handshakes_full,
@@ -208,12 +245,20 @@ fn connector(mode: Mode, concurrency: u32, preconnect: u32) -> Result<Connector,
     if !mode.resume {
         options.session_cache_size = 0;
     }
+    if !mode.reuse {
+        // One request per HTTP/1.1 connection: the pool closes it when the response body
+        // ends instead of keeping it.
+        options.max_uses = Some(1);
+    }
     Connector::new(options).map_err(|e| CliError::Failed(format!("cannot create connector: {e}")))
 }
 
 /// Starts the embedded upstream and checks that a connection to it works.
 async fn embedded(args: &BenchArgs) -> Result<Upstream, CliError> {
-    let server = EmbeddedServer::start().map_err(CliError::Failed)?;
+    let max_streams = args
+        .embedded_max_streams
+        .unwrap_or(embedded_server::DEFAULT_MAX_STREAMS);
+    let server = EmbeddedServer::start(max_streams).map_err(CliError::Failed)?;
     let settings = TlsSettings::trusting(server.ca().clone(), args.tls.alpn);
     let target = Target {
         host: server.addr().ip().to_string(),
@@ -262,13 +307,7 @@ async fn external(
 async fn preflight(settings: &TlsSettings, target: &Target, sni: &str) -> Result<Peer, CliError> {
     let connector = Connector::new(ConnectorOptions::default())
         .map_err(|e| CliError::Failed(format!("cannot create connector: {e}")))?;
-    let (peer, conn) = connect_first(&connector, settings, target, sni).await?;
-    if conn.digest().and_then(|d| d.alpn.as_deref()) == Some(b"h2".as_slice()) {
-        return Err(CliError::Usage(
-            "the upstream selected h2, but bench speaks HTTP/1.1; use --alpn h1 or no --alpn"
-                .into(),
-        ));
-    }
+    let (peer, _conn) = connect_first(&connector, settings, target, sni).await?;
     Ok(peer)
 }
 

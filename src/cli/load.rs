@@ -1,39 +1,48 @@
-//! One bench run: `concurrency` worker tasks, each doing `get` → `GET /` → read → `release`
-//! (or close) in a loop until the time or request budget runs out.
+//! One bench run: `concurrency` worker tasks, each sending `GET /` through the library's
+//! [`HttpConnector`] and reading the response body to its end, in a loop until the time or
+//! request budget runs out.
 //!
-//! The run ends at its deadline exactly: workers abandon the request in flight (its
-//! connection is dropped, never pooled half-read) rather than finishing it, so a slow
-//! upstream cannot stretch the run. Abandoned requests are not counted.
+//! The library does the protocol work: over HTTP/1.1 each request has a pooled connection to
+//! itself, which goes back to the pool when the body ends; over HTTP/2 the workers' requests
+//! are streams multiplexed over as few connections as the server's stream limit allows.
+//!
+//! The run ends at its deadline exactly: workers abandon the request in flight (dropping it
+//! closes its HTTP/1.1 connection or resets its HTTP/2 stream; nothing half-read is pooled)
+//! rather than finishing it, so a slow upstream cannot stretch the run. Abandoned requests are
+//! not counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, HOST, USER_AGENT};
+use hyper::{Request, Version};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use upstream_pool::{Connection, Connector, Error, Peer};
+use upstream_pool::http::{HttpConnector, UpstreamInfo};
+use upstream_pool::{ErrorKind, Peer};
 
-use super::http::{self, HttpError, Response};
+use super::observe;
 use super::progress::{Goal, Progress};
 use super::stats::RunStats;
 
-/// Pause after a failed `get`, so that an upstream that is down costs a few hundred attempts
+/// Pause after a failed connection attempt, so that an upstream that is down costs a few hundred attempts
 /// per second instead of a busy loop on every core.
 const CHECKOUT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// What one run does.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    /// The connector, fresh for this run so its pool and session cache start empty.
-    pub(crate) connector: Connector,
+    /// The HTTP client, on a connector fresh for this run so that its pool and session cache
+    /// start empty.
+    pub(crate) http: HttpConnector,
     /// Where the requests go.
     pub(crate) peer: Peer,
     /// `Host` header value.
     pub(crate) host: String,
-    /// Release connections after each response (else close them).
-    pub(crate) reuse: bool,
     /// Worker tasks.
     pub(crate) concurrency: u32,
     /// Stop after this long.
@@ -53,13 +62,15 @@ pub(crate) struct Outcome {
     pub(crate) interrupted: bool,
 }
 
-/// State the workers share: read-only except the two counters.
+/// State the workers share: read-only except the counters.
 #[derive(Debug)]
 struct Shared {
-    connector: Connector,
+    http: HttpConnector,
     peer: Peer,
-    request: Vec<u8>,
-    reuse: bool,
+    /// `Host` header of every request.
+    host: HeaderValue,
+    /// Requests sent and not yet finished, over all workers (for streams per connection).
+    in_flight: AtomicU64,
     /// Requests that may still be started; `None` for no limit.
     budget: Option<AtomicU64>,
     /// Requests finished (either way), for the progress bar.
@@ -67,6 +78,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// The request every worker sends: `GET /`, no body.
+    fn request(&self) -> Request<Empty<Bytes>> {
+        let mut request = Request::new(Empty::new());
+        let headers = request.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert(USER_AGENT, HeaderValue::from_static("upstream-pool-bench"));
+        request
+    }
+
     /// Takes one request from the budget; `false` when it is spent.
     fn claim(&self) -> bool {
         self.budget.as_ref().is_none_or(|budget| {
@@ -87,10 +107,13 @@ pub(crate) async fn run(
 ) -> Outcome {
     let completed = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Shared {
-        request: http::get_request(&plan.host),
-        connector: plan.connector,
+        // The host was checked when the peer was built; an unusable one sends no `Host`,
+        // and the library then uses the peer's SNI.
+        host: HeaderValue::from_str(&plan.host)
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+        http: plan.http,
         peer: plan.peer,
-        reuse: plan.reuse,
+        in_flight: AtomicU64::new(0),
         budget: plan.requests.map(AtomicU64::new),
         completed: Arc::clone(&completed),
     });
@@ -157,13 +180,11 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> RunStats {
     let mut stats = RunStats::new();
-    // Grown by the first read and then reused for every response of this worker.
-    let mut buf = Vec::new();
     while !*stop.borrow() && shared.claim() {
         let outcome = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
-            outcome = exchange(&shared, &mut stats, &mut buf) => outcome,
+            outcome = exchange(&shared, &mut stats) => outcome,
         };
         shared.completed.fetch_add(1, Ordering::Relaxed);
         if outcome == Exchange::CheckoutFailed {
@@ -183,52 +204,77 @@ enum Exchange {
     RequestFailed,
 }
 
-/// One request on a checked-out connection, recorded in `stats`.
-async fn exchange(shared: &Shared, stats: &mut RunStats, buf: &mut Vec<u8>) -> Exchange {
+/// Counts a request in flight until dropped (also when the worker abandons it).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn start(counter: &'a AtomicU64) -> InFlight<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One request and its whole response body, recorded in `stats`.
+async fn exchange(shared: &Shared, stats: &mut RunStats) -> Exchange {
     let start = Instant::now();
-    let mut conn = match shared.connector.get(&shared.peer).await {
-        Ok(conn) => conn,
+    let _in_flight = InFlight::start(&shared.in_flight);
+    let response = match shared.http.send(&shared.peer, shared.request()).await {
+        Ok(response) => response,
         Err(e) => {
             stats.error(e.kind().as_str());
-            return Exchange::CheckoutFailed;
+            return if is_connect_failure(e.kind()) {
+                Exchange::CheckoutFailed
+            } else {
+                Exchange::RequestFailed
+            };
         }
     };
-    stats.checkout(&conn);
-    match request(&mut conn, &shared.request, buf).await {
-        Ok(response) => {
-            stats.response(response.status, start.elapsed());
-            if shared.reuse && response.keep_alive {
-                shared.connector.release(conn);
-            } else {
-                // close_notify before the FIN, as a polite client does; a failure here
-                // changes nothing for the measurement.
-                let _ = conn.shutdown().await;
-            }
-            Exchange::Done
-        }
-        Err(e) => {
-            stats.error(error_label(&e));
-            Exchange::RequestFailed
+    let reused = response
+        .extensions()
+        .get::<UpstreamInfo>()
+        .is_some_and(|info| info.reused);
+    stats.checkout(reused);
+    let protocol = if response.version() == Version::HTTP_2 {
+        // Every request in flight has its stream now or soon; every HTTP/2 connection is
+        // checked out of the pool for its whole life.
+        stats.streams_per_connection(
+            shared.in_flight.load(Ordering::Relaxed),
+            observe::taps().active_connections(),
+        );
+        "HTTP/2"
+    } else {
+        // One exchange at a time on an HTTP/1.1 connection, by construction.
+        stats.streams_per_connection(1, 1);
+        "HTTP/1.1"
+    };
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        if let Err(e) = frame {
+            stats.error(e.kind().as_str());
+            return Exchange::RequestFailed;
         }
     }
+    stats.response(protocol, status, start.elapsed());
+    Exchange::Done
 }
 
-async fn request(
-    conn: &mut Connection,
-    request: &[u8],
-    buf: &mut Vec<u8>,
-) -> Result<Response, HttpError> {
-    conn.write_all(request).await?;
-    conn.flush().await?;
-    http::read_response(conn, buf).await
-}
-
-/// The `errors_by_kind` label of a failed exchange: the connector's `ErrorKind` when the I/O
-/// error carries one (a reused connection found broken), else an HTTP-level label.
-fn error_label(e: &HttpError) -> &'static str {
-    match e {
-        HttpError::Io(io) => Error::from_io(io).map_or("io_error", |e| e.kind().as_str()),
-        HttpError::Closed => "upstream_closed",
-        HttpError::Malformed(_) => "http_error",
-    }
+/// Failures to get a connection at all, after which a worker pauses before trying again.
+fn is_connect_failure(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::ConnectRefused
+            | ErrorKind::ConnectTimedout
+            | ErrorKind::ConnectError
+            | ErrorKind::TlsHandshakeFailure
+            | ErrorKind::TlsHandshakeTimedout
+            | ErrorKind::InvalidCert
+            | ErrorKind::PoolTimedout
+    )
 }

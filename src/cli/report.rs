@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use upstream_pool::PeerStats;
 
+use super::embedded_server::SeenSnapshot;
 use super::stats::RunStats;
 
 /// What was run, for the report header.
@@ -27,6 +28,8 @@ pub(crate) struct RunInfo {
     pub(crate) elapsed: Duration,
     /// Stopped early by Ctrl-C.
     pub(crate) interrupted: bool,
+    /// What the embedded upstream observed during the run; `None` with `--target`.
+    pub(crate) server: Option<SeenSnapshot>,
     /// `--preconnect`: what was warmed before the clock started.
     pub(crate) warm: Warmed,
     /// The connector's per-key stats at the end of the run.
@@ -95,6 +98,18 @@ fn percentiles(stats: &RunStats) -> [u64; 4] {
     ]
 }
 
+/// Requests in flight per connection: the mean and the largest sample (zeros without
+/// samples).
+fn streams(stats: &RunStats) -> (f64, f64) {
+    if stats.streams_samples == 0 {
+        return (0.0, 0.0);
+    }
+    (
+        stats.streams_sum / stats.streams_samples as f64,
+        stats.streams_max,
+    )
+}
+
 fn mean_or_dash(us: Option<f64>) -> String {
     us.map_or_else(|| "-".to_string(), |us| format!("{us:.0} us"))
 }
@@ -139,6 +154,7 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
         out,
         "  latency      p50 {p50} us, p90 {p90} us, p99 {p99} us, max {max} us"
     );
+    let (streams_mean, streams_max) = streams(stats);
     let _ = writeln!(
         out,
         "  connections  {} opened, reuse ratio {:.3} ({} of {} checkouts reused)",
@@ -149,11 +165,16 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
     );
     let _ = writeln!(
         out,
+        "  protocol     {}, streams per connection mean {streams_mean:.1}, max {streams_max:.1}",
+        stats.protocol()
+    );
+    let _ = writeln!(
+        out,
         "  handshakes   {} full (mean {}), {} resumed (mean {})",
-        stats.full_handshakes.count,
-        mean_or_dash(stats.full_handshakes.mean_us()),
-        stats.resumed_handshakes.count,
-        mean_or_dash(stats.resumed_handshakes.mean_us()),
+        stats.handshakes.full,
+        mean_or_dash(stats.handshakes.full_mean_us()),
+        stats.handshakes.resumed,
+        mean_or_dash(stats.handshakes.resumed_mean_us()),
     );
     let non_ok: Vec<String> = stats
         .statuses
@@ -163,6 +184,14 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
         .collect();
     if !non_ok.is_empty() {
         let _ = writeln!(out, "  non-2xx      {}", non_ok.join(", "));
+    }
+    if let Some(seen) = &info.server {
+        let _ = writeln!(
+            out,
+            "  server saw   {} connections ({} HTTP/2), {} requests, at most {} in flight on one \
+             connection",
+            seen.connections, seen.h2_connections, seen.requests, seen.max_streams
+        );
     }
     let errors = if stats.errors.is_empty() {
         "none".to_string()
@@ -183,8 +212,8 @@ pub(crate) fn text(info: &RunInfo, stats: &RunStats) -> String {
             info.warm.idle,
             info.warm.full_handshakes,
             info.warm.resumed_handshakes,
-            stats.full_handshakes.count,
-            stats.resumed_handshakes.count,
+            stats.handshakes.full,
+            stats.handshakes.resumed,
         );
     }
     out
@@ -195,18 +224,19 @@ pub(crate) fn line(info: &RunInfo, stats: &RunStats) -> String {
     let [p50, _, p99, _] = percentiles(stats);
     format!(
         "{:<24} {:>9.1} req/s  p50 {:>6} us  p99 {:>6} us  {:>6} conns  reuse {:.3}  \
-         handshakes {} full ({}) / {} resumed ({})  errors {}",
+         handshakes {} full ({}) / {} resumed ({})  errors {}  {}",
         info.mode(),
         info.rate(stats),
         p50,
         p99,
         stats.connections_opened(),
         reuse_ratio(stats),
-        stats.full_handshakes.count,
-        mean_or_dash(stats.full_handshakes.mean_us()),
-        stats.resumed_handshakes.count,
-        mean_or_dash(stats.resumed_handshakes.mean_us()),
+        stats.handshakes.full,
+        mean_or_dash(stats.handshakes.full_mean_us()),
+        stats.handshakes.resumed,
+        mean_or_dash(stats.handshakes.resumed_mean_us()),
         stats.error_count(),
+        stats.protocol(),
     )
 }
 
@@ -227,6 +257,7 @@ pub(crate) fn json(info: &RunInfo, stats: &RunStats) -> Value {
         .iter()
         .map(|(status, n)| (status.to_string(), json!(n)))
         .collect();
+    let (streams_mean, streams_max) = streams(stats);
     json!({
         "target": info.target,
         "embedded": info.embedded,
@@ -245,13 +276,22 @@ pub(crate) fn json(info: &RunInfo, stats: &RunStats) -> Value {
         "reused_checkouts": stats.reused,
         "reuse_ratio": reuse_ratio(stats),
         "connections_opened": stats.connections_opened(),
+        "protocol": stats.protocol(),
+        "responses_by_protocol": stats.protocols,
+        "streams_per_connection": { "mean": streams_mean, "max": streams_max },
         "handshakes": {
-            "full": stats.full_handshakes.count,
-            "full_mean_us": stats.full_handshakes.mean_us(),
-            "resumed": stats.resumed_handshakes.count,
-            "resumed_mean_us": stats.resumed_handshakes.mean_us(),
+            "full": stats.handshakes.full,
+            "full_mean_us": stats.handshakes.full_mean_us(),
+            "resumed": stats.handshakes.resumed,
+            "resumed_mean_us": stats.handshakes.resumed_mean_us(),
         },
         "tls": negotiated,
+        "embedded_server": info.server.map(|seen| json!({
+            "connections": seen.connections,
+            "h2_connections": seen.h2_connections,
+            "requests": seen.requests,
+            "max_streams_per_connection": seen.max_streams,
+        })),
         "preconnect": {
             "idle": info.warm.idle,
             "handshakes_full": info.warm.full_handshakes,
@@ -309,8 +349,8 @@ impl Comparison<'_> {
     /// Mean full handshake time over mean resumed handshake time.
     fn handshake_speedup(&self) -> Option<f64> {
         ratio(
-            self.full.1.full_handshakes.mean_us()?,
-            self.resumed.1.resumed_handshakes.mean_us()?,
+            self.full.1.handshakes.full_mean_us()?,
+            self.resumed.1.handshakes.resumed_mean_us()?,
         )
     }
 

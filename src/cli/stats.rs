@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use upstream_pool::Connection;
+
+use super::observe::{Handshakes, Negotiated};
 
 /// Significant decimal digits the latency histogram keeps: 0.1 % precision.
 const LATENCY_SIGFIG: u8 = 3;
@@ -23,47 +24,28 @@ pub(crate) struct RunStats {
     pub(crate) latency_us: Histogram<u64>,
     /// Responses read completely.
     pub(crate) requests: u64,
-    /// Successful `Connector::get` calls.
+    /// Requests that got a connection (a response head arrived, or a pooled connection was
+    /// checked out).
     pub(crate) checkouts: u64,
-    /// Checkouts served from the pool (`Connection::reused`).
+    /// Of those, the ones on a connection that already existed (pooled HTTP/1.1, or an open
+    /// HTTP/2 connection).
     pub(crate) reused: u64,
-    /// New connections whose handshake did not resume a session.
-    pub(crate) full_handshakes: HandshakeTimes,
-    /// New connections whose handshake resumed a session.
-    pub(crate) resumed_handshakes: HandshakeTimes,
+    /// Handshakes completed during the run, from the connector's metrics (see
+    /// [`super::observe`]); set once the run is over.
+    pub(crate) handshakes: Handshakes,
+    /// Responses by protocol (`HTTP/1.1`, `HTTP/2`).
+    pub(crate) protocols: BTreeMap<&'static str, u64>,
+    /// Requests in flight per connection in use, sampled at each response head: the sum
+    /// (for the mean), the number of samples and the largest.
+    pub(crate) streams_sum: f64,
+    pub(crate) streams_samples: u64,
+    pub(crate) streams_max: f64,
     /// Failed requests by error label (an `ErrorKind` name or an HTTP-level label).
     pub(crate) errors: BTreeMap<&'static str, u64>,
     /// Completed responses by status code.
     pub(crate) statuses: BTreeMap<u16, u64>,
     /// What the first new connection negotiated.
     pub(crate) negotiated: Option<Negotiated>,
-}
-
-/// A count of handshakes and their summed duration.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct HandshakeTimes {
-    /// How many.
-    pub(crate) count: u64,
-    /// Their total duration.
-    pub(crate) total: Duration,
-}
-
-impl HandshakeTimes {
-    /// Mean duration in microseconds, `None` when there were none.
-    pub(crate) fn mean_us(&self) -> Option<f64> {
-        (self.count > 0).then(|| self.total.as_secs_f64() * 1e6 / self.count as f64)
-    }
-}
-
-/// TLS parameters of a connection, for the summary header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Negotiated {
-    /// e.g. `TLSv1.3`.
-    pub(crate) version: String,
-    /// OpenSSL cipher name.
-    pub(crate) cipher: String,
-    /// Selected ALPN protocol, if any.
-    pub(crate) alpn: Option<String>,
 }
 
 impl RunStats {
@@ -75,45 +57,43 @@ impl RunStats {
             requests: 0,
             checkouts: 0,
             reused: 0,
-            full_handshakes: HandshakeTimes::default(),
-            resumed_handshakes: HandshakeTimes::default(),
+            handshakes: Handshakes::default(),
+            protocols: BTreeMap::new(),
+            streams_sum: 0.0,
+            streams_samples: 0,
+            streams_max: 0.0,
             errors: BTreeMap::new(),
             statuses: BTreeMap::new(),
             negotiated: None,
         }
     }
 
-    /// Records a successful checkout: reused, or new with its handshake.
-    pub(crate) fn checkout(&mut self, conn: &Connection) {
+    /// Records a request that got its connection: `reused` when it already existed.
+    pub(crate) fn checkout(&mut self, reused: bool) {
         self.checkouts += 1;
-        if conn.reused() {
-            self.reused += 1;
-            return;
+        self.reused += u64::from(reused);
+    }
+
+    /// Records one sample of requests in flight per connection in use.
+    pub(crate) fn streams_per_connection(&mut self, in_flight: u64, connections: u64) {
+        let ratio = in_flight as f64 / connections.max(1) as f64;
+        self.streams_sum += ratio;
+        self.streams_samples += 1;
+        self.streams_max = self.streams_max.max(ratio);
+    }
+
+    /// The protocol of the responses: `HTTP/2`, `HTTP/1.1`, or both joined by `+`.
+    pub(crate) fn protocol(&self) -> String {
+        if self.protocols.is_empty() {
+            return "-".into();
         }
-        let Some(digest) = conn.digest() else { return };
-        let took = conn.timing().tls_handshake.unwrap_or_default();
-        let times = if digest.session_reused {
-            &mut self.resumed_handshakes
-        } else {
-            &mut self.full_handshakes
-        };
-        times.count += 1;
-        times.total += took;
-        if self.negotiated.is_none() {
-            self.negotiated = Some(Negotiated {
-                version: digest.version.clone(),
-                cipher: digest.cipher.clone(),
-                alpn: digest
-                    .alpn
-                    .as_deref()
-                    .map(|a| String::from_utf8_lossy(a).into_owned()),
-            });
-        }
+        self.protocols.keys().copied().collect::<Vec<_>>().join("+")
     }
 
     /// Records a complete response.
-    pub(crate) fn response(&mut self, status: u16, latency: Duration) {
+    pub(crate) fn response(&mut self, protocol: &'static str, status: u16, latency: Duration) {
         self.requests += 1;
+        *self.protocols.entry(protocol).or_default() += 1;
         *self.statuses.entry(status).or_default() += 1;
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency_us.saturating_record(us.max(1));
@@ -124,9 +104,9 @@ impl RunStats {
         *self.errors.entry(label).or_default() += 1;
     }
 
-    /// New connections (every checkout that was not reused).
+    /// Connections opened during the run: every completed handshake is one.
     pub(crate) fn connections_opened(&self) -> u64 {
-        self.checkouts - self.reused
+        self.handshakes.connections()
     }
 
     /// Failed requests of every kind.
@@ -141,21 +121,17 @@ impl RunStats {
         self.requests += other.requests;
         self.checkouts += other.checkouts;
         self.reused += other.reused;
-        for (mine, theirs) in [
-            (&mut self.full_handshakes, &other.full_handshakes),
-            (&mut self.resumed_handshakes, &other.resumed_handshakes),
-        ] {
-            mine.count += theirs.count;
-            mine.total += theirs.total;
+        for (protocol, n) in &other.protocols {
+            *self.protocols.entry(protocol).or_default() += n;
         }
+        self.streams_sum += other.streams_sum;
+        self.streams_samples += other.streams_samples;
+        self.streams_max = self.streams_max.max(other.streams_max);
         for (label, n) in &other.errors {
             *self.errors.entry(label).or_default() += n;
         }
         for (status, n) in &other.statuses {
             *self.statuses.entry(*status).or_default() += n;
-        }
-        if self.negotiated.is_none() {
-            self.negotiated.clone_from(&other.negotiated);
         }
     }
 }
