@@ -8,6 +8,7 @@
 //! other test for reading (each before building its runtime), so nothing opens descriptors
 //! while it counts.
 
+mod http_support;
 mod support;
 
 use std::sync::Arc;
@@ -17,32 +18,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use tokio::sync::RwLock;
 use upstream_pool::http::{HttpConnector, ResponseBody};
-use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, ErrorKind, Peer};
+use upstream_pool::{Alpn, Error, ErrorKind, Peer};
 
+use http_support::{get, http_with, peer, STEP};
 use support::certs::TestPki;
 use support::h2_server::{HttpServer, HttpStats};
 use support::{open_fds, wait_for_open_fds, wait_until};
 
 static FD_LOCK: RwLock<()> = RwLock::const_new(());
-
-/// Bound on every step, so a hang fails the test instead of stalling the suite.
-const STEP: Duration = Duration::from_secs(5);
-
-fn http_with(configure: impl FnOnce(&mut ConnectorOptions)) -> HttpConnector {
-    let mut options = ConnectorOptions::default();
-    configure(&mut options);
-    HttpConnector::new(Connector::new(options).unwrap())
-}
-
-fn peer(server: &HttpServer, alpn: Alpn) -> Peer {
-    Peer::tls(server.addr(), "localhost")
-        .with_ca(TestPki::shared().ca_a())
-        .with_alpn(alpn)
-}
-
-fn get(path: &str) -> http::Request<Empty<Bytes>> {
-    http::Request::get(path).body(Empty::new()).unwrap()
-}
 
 fn get_delayed(path: &str, delay_ms: u64) -> http::Request<Empty<Bytes>> {
     http::Request::get(path)

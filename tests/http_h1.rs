@@ -5,6 +5,7 @@
 //! a request whose reused connection the server closed before answering. Every case asserts
 //! on what the server observed (its connection id and request number per connection).
 
+mod http_support;
 mod support;
 
 use std::time::Duration;
@@ -13,20 +14,12 @@ use bytes::Bytes;
 use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Empty};
 use upstream_pool::http::{HttpConnector, ResponseBody, UpstreamInfo};
-use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, Peer};
+use upstream_pool::{Alpn, Error, Peer};
 
+use http_support::{http_with, STEP};
 use support::certs::TestPki;
 use support::h2_server::{pattern, sha256_hex, HttpServer};
 use support::wait_until;
-
-/// Bound on every request, so a hang fails the test instead of stalling the suite.
-const STEP: Duration = Duration::from_secs(5);
-
-fn http_with(configure: impl FnOnce(&mut ConnectorOptions)) -> HttpConnector {
-    let mut options = ConnectorOptions::default();
-    configure(&mut options);
-    HttpConnector::new(Connector::new(options).unwrap())
-}
 
 fn h1_server() -> HttpServer {
     HttpServer::builder().h1_only().start()

@@ -4,6 +4,7 @@
 //! requests, bodies both ways, and protocol selection by ALPN. Every case asserts on what the
 //! server observed (connections, streams in flight, requests per connection).
 
+mod http_support;
 mod support;
 
 use std::sync::Arc;
@@ -15,30 +16,11 @@ use http_body_util::{BodyExt, Empty};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tokio::sync::Barrier;
 use upstream_pool::http::{HttpConnector, UpstreamInfo};
-use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, ErrorKind, Peer};
+use upstream_pool::{Alpn, Error, ErrorKind, Peer};
 
-use support::certs::TestPki;
+use http_support::{get, http_with, peer, STEP};
 use support::h2_server::{pattern, sha256_hex, HttpServer, Proto};
 use support::wait_until;
-
-/// Bound on every request, so a hang fails the test instead of stalling the suite.
-const STEP: Duration = Duration::from_secs(5);
-
-fn http_with(configure: impl FnOnce(&mut ConnectorOptions)) -> HttpConnector {
-    let mut options = ConnectorOptions::default();
-    configure(&mut options);
-    HttpConnector::new(Connector::new(options).unwrap())
-}
-
-fn peer(server: &HttpServer, alpn: Alpn) -> Peer {
-    Peer::tls(server.addr(), "localhost")
-        .with_ca(TestPki::shared().ca_a())
-        .with_alpn(alpn)
-}
-
-fn get(path: &str) -> http::Request<Empty<Bytes>> {
-    http::Request::get(path).body(Empty::new()).unwrap()
-}
 
 /// What a test keeps of a response: head, whole body, and the [`UpstreamInfo`] fields.
 #[derive(Debug)]

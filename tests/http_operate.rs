@@ -4,6 +4,7 @@
 //! memory. Against the in-process servers of `tests/support/h2_server.rs`; every case asserts
 //! on what the server observed (connections accepted, closed, requests per connection).
 
+mod http_support;
 mod support;
 
 use std::time::Duration;
@@ -11,29 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use upstream_pool::http::{HttpConnector, UpstreamInfo};
-use upstream_pool::{Alpn, Connector, ConnectorOptions, Error, ErrorKind, Peer};
+use upstream_pool::{Alpn, Error, ErrorKind, Peer};
 
+use http_support::{get, http_with, peer, STEP};
 use support::certs::TestPki;
 use support::h2_server::HttpServer;
-
-/// Bound on every request, so a hang fails the test instead of stalling the suite.
-const STEP: Duration = Duration::from_secs(5);
-
-fn http_with(configure: impl FnOnce(&mut ConnectorOptions)) -> HttpConnector {
-    let mut options = ConnectorOptions::default();
-    configure(&mut options);
-    HttpConnector::new(Connector::new(options).unwrap())
-}
-
-fn peer(server: &HttpServer, alpn: Alpn) -> Peer {
-    Peer::tls(server.addr(), "localhost")
-        .with_ca(TestPki::shared().ca_a())
-        .with_alpn(alpn)
-}
-
-fn get(path: &str) -> http::Request<Empty<Bytes>> {
-    http::Request::get(path).body(Empty::new()).unwrap()
-}
 
 fn slow_get(delay_ms: u64) -> http::Request<Empty<Bytes>> {
     http::Request::get("/slow")

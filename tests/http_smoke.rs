@@ -3,6 +3,7 @@
 //! the PING keepalive keeping one connection, a failed shared dial failing its waiters fast,
 //! and connector clones sharing HTTP/2 connections. Each asserts on what the server saw.
 
+mod http_support;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -12,23 +13,10 @@ use http_body_util::{BodyExt, Empty};
 use upstream_pool::http::{HttpConnector, UpstreamInfo};
 use upstream_pool::{Alpn, Connector, ConnectorOptions, ErrorKind, Peer};
 
+use http_support::{http_with, peer, STEP};
 use support::certs::TestPki;
 use support::h2_server::{HttpServer, Proto};
 use support::wait_until;
-
-const STEP: Duration = Duration::from_secs(5);
-
-fn http_with(configure: impl FnOnce(&mut ConnectorOptions)) -> HttpConnector {
-    let mut options = ConnectorOptions::default();
-    configure(&mut options);
-    HttpConnector::new(Connector::new(options).unwrap())
-}
-
-fn peer(server: &HttpServer, alpn: Alpn) -> Peer {
-    Peer::tls(server.addr(), "localhost")
-        .with_ca(TestPki::shared().ca_a())
-        .with_alpn(alpn)
-}
 
 fn get() -> http::Request<Empty<Bytes>> {
     http::Request::get("/").body(Empty::new()).unwrap()
