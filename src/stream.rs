@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_openssl::SslStream;
 
 use crate::connect::openssl_ext;
+use crate::connect::runtime::RuntimeAlive;
 use crate::connect::tcp::RawStream;
 use crate::error::{Error, ErrorKind};
 use crate::pool::Lease;
@@ -129,6 +130,9 @@ pub(crate) struct ConnectionInner {
     reused: bool,
     /// Whether a byte has been read since this checkout; errors before that are "reused".
     read_since_checkout: bool,
+    /// The runtime whose reactor drives the socket: a connection of a runtime that shut down
+    /// is dead, however quiet its socket looks.
+    runtime: RuntimeAlive,
     pub(crate) lease: Lease,
 }
 
@@ -146,6 +150,7 @@ impl Connection {
                 timing,
                 reused: false,
                 read_since_checkout: false,
+                runtime: RuntimeAlive::current(),
                 lease,
             }),
         }
@@ -193,38 +198,46 @@ impl Connection {
     /// Checks, without blocking, whether this idle connection is still usable.
     ///
     /// The reactor has already recorded whether the socket became readable, so the common case
-    /// (nothing arrived) costs no syscall. Only when it did do we read: TLS 1.3 session tickets
-    /// and other post-handshake records are consumed by OpenSSL and are not "unexpected".
+    /// (nothing arrived, nothing buffered) costs one atomic load: no syscall, no waker. Only
+    /// when something did arrive do we read: TLS 1.3 session tickets and other
+    /// post-handshake records are consumed by OpenSSL and are not "unexpected".
     pub(crate) fn liveness(&mut self) -> Liveness {
-        poll_once_unbudgeted(|cx| self.liveness_in(cx))
+        if !self.inner.runtime.is_alive() {
+            return Liveness::Closed;
+        }
+        let quiet = match &self.inner.stream {
+            Stream::Plain(raw) => !raw.maybe_readable(),
+            // A close_notify OpenSSL already processed (say, read together with the last
+            // response) leaves nothing on the socket to signal it, and one we sent means the
+            // caller shut the connection down; bytes OpenSSL already read from the socket
+            // (read-ahead) never show up as readiness again. So OpenSSL's state is asked
+            // first, the socket's readiness only after.
+            Stream::Tls(tls) => {
+                !openssl_ext::is_shut_down(tls.ssl())
+                    && !openssl_ext::has_pending(tls.ssl())
+                    && !tls.get_ref().maybe_readable()
+            }
+        };
+        if quiet {
+            return Liveness::Alive;
+        }
+        poll_once_unbudgeted(|cx| self.read_to_classify(cx))
     }
 
-    fn liveness_in(&mut self, cx: &mut Context<'_>) -> Liveness {
+    /// The slow half of [`Connection::liveness`]: something may have arrived (or the
+    /// connection is shut down); read to tell what.
+    fn read_to_classify(&mut self, cx: &mut Context<'_>) -> Liveness {
         match &mut self.inner.stream {
-            Stream::Plain(raw) => match raw.poll_read_ready(cx) {
-                Poll::Pending => Liveness::Alive,
-                Poll::Ready(Err(_)) => Liveness::Closed,
-                Poll::Ready(Ok(())) => match raw.try_read(&mut [0u8; 1]) {
-                    Ok(0) => Liveness::Closed,
-                    Ok(_) => Liveness::UnexpectedData,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Liveness::Alive,
-                    Err(_) => Liveness::Closed,
-                },
+            Stream::Plain(raw) => match raw.try_read(&mut [0u8; 1]) {
+                Ok(0) => Liveness::Closed,
+                Ok(_) => Liveness::UnexpectedData,
+                // A spurious wake-up: `try_read` cleared the readiness, the next probe is fast.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Liveness::Alive,
+                Err(_) => Liveness::Closed,
             },
             Stream::Tls(tls) => {
-                // A close_notify OpenSSL already processed (say, read together with the last
-                // response) leaves nothing on the socket to wake us; and one we sent means
-                // the caller shut the connection down. Either way it is done.
                 if openssl_ext::is_shut_down(tls.ssl()) {
                     return Liveness::Closed;
-                }
-                // Bytes OpenSSL already read from the socket (read-ahead) never show up as
-                // readiness again, so look at its buffer first; if it holds something, read to
-                // tell a session ticket from application data.
-                if !openssl_ext::has_pending(tls.ssl())
-                    && tls.get_ref().poll_read_ready(cx).is_pending()
-                {
-                    return Liveness::Alive;
                 }
                 let mut byte = [0u8; 1];
                 let mut buf = ReadBuf::new(&mut byte);

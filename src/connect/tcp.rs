@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream, UnixStream};
 use tokio::time::Instant;
 
@@ -22,11 +22,19 @@ pub(crate) enum RawStream {
 }
 
 impl RawStream {
-    /// Readiness as the reactor last saw it; `Pending` costs no syscall.
-    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Whether the reactor has recorded the socket readable (or closed) since a read last
+    /// found it empty: one atomic load, no syscall, no waker registered.
+    ///
+    /// Cheaper than tokio's `poll_read_ready`, which also stores a waker under the socket's
+    /// waiter lock when the answer is "not ready": the pool asks at every checkout and every
+    /// release, and an idle connection has nobody to wake.
+    pub(crate) fn maybe_readable(&self) -> bool {
+        // `try_io` runs the closure only when the readiness bits are set; `Ok` leaves them
+        // set for the read that follows.
+        let readiness_set = || Ok(());
         match self {
-            RawStream::Tcp(s) => s.poll_read_ready(cx),
-            RawStream::Unix(s) => s.poll_read_ready(cx),
+            RawStream::Tcp(s) => s.try_io(Interest::READABLE, readiness_set).is_ok(),
+            RawStream::Unix(s) => s.try_io(Interest::READABLE, readiness_set).is_ok(),
         }
     }
 
