@@ -1,7 +1,9 @@
 //! How the hit path scales across cores: 1, 2 and 4 OS threads each running get + release in
 //! a loop, on distinct keys (thread `t` on key `t`) and on one shared key (with one idle
 //! connection per thread). Everything is on as in `benches/pool.rs` (metrics recorder,
-//! caps, idle timestamps, liveness at checkout and release; `benches/common/hit.rs`).
+//! caps, idle timestamps, liveness at checkout and release; `benches/common/hit.rs`), with
+//! exact metrics (`scaling/distinct_keys`, `scaling/shared_key`) and with
+//! `batched_metrics` (the `_batched` groups).
 //!
 //! Reported as throughput (criterion's `elem/s`: hits per second over all threads). One
 //! iteration is one hit on every thread; the time is the wall time until the slowest thread
@@ -34,11 +36,12 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .sample_size(20)
         .configure_from_args();
-    for shared in [false, true] {
-        let name = if shared {
-            "scaling/shared_key"
-        } else {
-            "scaling/distinct_keys"
+    for (shared, batched) in [(false, false), (true, false), (false, true), (true, true)] {
+        let name = match (shared, batched) {
+            (true, false) => "scaling/shared_key",
+            (false, false) => "scaling/distinct_keys",
+            (true, true) => "scaling/shared_key_batched",
+            (false, true) => "scaling/distinct_keys_batched",
         };
         let mut group = c.benchmark_group(name);
         for threads in [1usize, 2, 4] {
@@ -46,7 +49,7 @@ fn main() {
                 continue;
             }
             group.throughput(Throughput::Elements(threads as u64));
-            bench(&mut group, threads, shared);
+            bench(&mut group, threads, shared, batched);
         }
         group.finish();
     }
@@ -57,6 +60,7 @@ fn bench(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     threads: usize,
     shared: bool,
+    batched: bool,
 ) {
     // Two workers drive the reactor and whatever the pool spawns (the reaper); the benchmark
     // threads poll their loops themselves in `block_on`.
@@ -66,7 +70,7 @@ fn bench(
         .build()
         .expect("runtime");
     let (keys, per_key) = if shared { (1, threads) } else { (threads, 1) };
-    let fx = Ours::new(&rt, keys, per_key);
+    let fx = Ours::new(&rt, keys, per_key, batched);
     group.bench_function(threads.to_string(), |b| {
         b.iter_custom(|iters| run(&rt, &fx, threads, shared, iters))
     });

@@ -8,6 +8,10 @@
 //! - Caps: `max_connections_per_peer = Some(8)`, `max_idle_per_peer = 8`, `max_idle_total`
 //!   just above what the fixture pre-warms (the global count is checked on every release).
 //! - Liveness: every checkout asks the socket's recorded readiness (plaintext TCP here).
+//! - Two metric modes, each its own criterion function: `ours` (the default: gauges and the
+//!   reused-checkout counter exact after every call) and `ours_batched`
+//!   (`ConnectorOptions::batched_metrics`: the hit path tallies them per key and the reaper
+//!   publishes them every `reap_interval`).
 //!
 //! Timing: one-task cases report the CPU time of the benchmark thread per operation
 //! ([`one_task`]), two-thread cases the wall time per operation on each thread while the
@@ -33,7 +37,13 @@ const WARM_BATCH: usize = 256;
 /// The connector settings of every hit-path benchmark: caps on, metrics on (the recorder is
 /// global), idle timestamps compared on every checkout.
 pub(crate) fn options(idle_total: usize) -> ConnectorOptions {
+    options_with(idle_total, false)
+}
+
+/// [`options`], with `batched_metrics` set as given.
+pub(crate) fn options_with(idle_total: usize, batched_metrics: bool) -> ConnectorOptions {
     let mut o = ConnectorOptions::default();
+    o.batched_metrics = batched_metrics;
     o.max_connections_per_peer = Some(8);
     o.max_idle_per_peer = 8;
     o.max_idle_total = idle_total + 1024;
@@ -57,10 +67,11 @@ pub(crate) struct Ours {
 
 impl Ours {
     /// Starts the child upstream, creates the connector and pre-warms every key.
-    pub(crate) fn new(rt: &Runtime, keys: usize, per_key: usize) -> Ours {
+    pub(crate) fn new(rt: &Runtime, keys: usize, per_key: usize, batched_metrics: bool) -> Ours {
         super::install_recorder();
         let upstream = ChildUpstream::spawn(&Upstream::PlainHold).expect("child upstream");
-        let connector = Connector::new(options(keys * per_key)).expect("connector");
+        let connector =
+            Connector::new(options_with(keys * per_key, batched_metrics)).expect("connector");
         let peers: Vec<Peer> = (0..keys)
             .map(|i| Peer::tcp(upstream.addr()).with_group(format!("key-{i}")))
             .collect();
@@ -204,10 +215,11 @@ pub(crate) enum Threads {
     Two,
 }
 
-/// The four hit-path scenarios: (threads, keys). One criterion group each, named by
+/// The hit-path scenarios: (threads, keys). One criterion group each, named by
 /// [`group_name`], so the peer comparison lines up with `benches/pool.rs`.
-pub(crate) const SCENARIOS: [(Threads, usize); 4] = [
+pub(crate) const SCENARIOS: [(Threads, usize); 5] = [
     (Threads::One, 1),
+    (Threads::One, 1_000),
     (Threads::One, 10_000),
     (Threads::Two, 1),
     (Threads::Two, 10_000),
@@ -251,24 +263,37 @@ pub(crate) fn key_index(threads: Threads, keys: usize, t: usize, j: u64) -> usiz
     }
 }
 
-/// Benchmarks our hit path for one scenario as the function `ours` of `group`; builds the
-/// fixture (runtime, child upstream, pre-warmed pool) first and tears it down after.
+/// Benchmarks our hit path for one scenario as the functions `ours` (exact metrics) and
+/// `ours_batched` (`batched_metrics`) of `group`; builds each fixture (runtime, child
+/// upstream, pre-warmed pool) first and tears it down after.
 pub(crate) fn bench_ours(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     threads: Threads,
     keys: usize,
 ) {
-    if !super::selected(&format!("{}/ours", group_name(threads, keys))) {
+    for (name, batched) in [("ours", false), ("ours_batched", true)] {
+        bench_ours_mode(group, threads, keys, name, batched);
+    }
+}
+
+fn bench_ours_mode(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    threads: Threads,
+    keys: usize,
+    name: &str,
+    batched: bool,
+) {
+    if !super::selected(&format!("{}/{name}", group_name(threads, keys))) {
         return;
     }
     let rt = match threads {
         Threads::One => current_thread(),
         Threads::Two => two_workers(),
     };
-    let fx = Ours::new(&rt, keys, per_key(threads, keys));
+    let fx = Ours::new(&rt, keys, per_key(threads, keys), batched);
     let reused_before = super::checkouts("reused");
     let mut ops = 0u64;
-    group.bench_function("ours", |b| match threads {
+    group.bench_function(name, |b| match threads {
         Threads::One => b.iter_custom(|iters| {
             ops += iters;
             let fx = &fx;
@@ -288,15 +313,16 @@ pub(crate) fn bench_ours(
             })
         }),
     });
+    let misses = fx.misses.load(Ordering::Relaxed);
+    let idle = fx.connector.idle_count();
+    let pid = fx.upstream_pid();
+    // Batched tallies are published when the connector goes (or at a reaper pass).
+    drop(fx);
     let recorded = super::checkouts("reused") - reused_before;
     eprintln!(
-        "[{}] ours: {ops} checkouts, {} misses (dials), {recorded} counted by the metrics \
-         recorder, {} idle at the end, upstream pid {}",
+        "[{}] {name}: {ops} checkouts, {misses} misses (dials), {recorded} counted by the \
+         metrics recorder, {idle} idle at the end, upstream pid {pid}",
         group_name(threads, keys),
-        fx.misses.load(Ordering::Relaxed),
-        fx.connector.idle_count(),
-        fx.upstream_pid(),
     );
-    drop(fx);
     drop(rt);
 }

@@ -7,14 +7,13 @@
 //! capacity. The lease also keeps the idle/active gauges and the global idle count exact: it
 //! knows which of the two it is counted in and undoes that on drop.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::clock::Tick;
-use super::KeyPool;
+use super::{KeyPool, KeyState};
 use crate::stream::Connection;
 
 /// What a waiter at the per-peer cap receives.
@@ -84,6 +83,11 @@ impl Drop for Slot {
 /// Must be called without `key_pool.state` held.
 fn free_slot(key_pool: &Arc<KeyPool>) {
     let mut state = key_pool.state.lock();
+    free_slot_locked(key_pool, &mut state);
+}
+
+/// [`free_slot`] under the key's lock.
+fn free_slot_locked(key_pool: &Arc<KeyPool>, state: &mut KeyState) {
     while let Some(waiter) = state.waiters.pop_front() {
         match waiter.send(Handoff::Slot(Slot::taken(Arc::clone(key_pool)))) {
             Ok(()) => return,
@@ -141,55 +145,80 @@ impl Lease {
         &self.key_pool.description
     }
 
-    /// Moves the connection between the idle and active gauges (and the global idle count).
-    pub(crate) fn set_state(&mut self, state: LeaseState) {
-        if self.state == state {
+    /// Moves the connection between the idle and active gauges (and the idle count), under
+    /// its key's lock (`key` is that lock's state).
+    ///
+    /// With `ConnectorOptions::batched_metrics`, a move between idle and active (a checkout
+    /// or a release: the hit path) is only tallied in `key.gauge_lag`, which the reaper
+    /// publishes; the gauges' shared atomics are not written. A close then takes its
+    /// decrement from whichever gauge the tally says is over-reported, so that the published
+    /// gauges never go below zero (see `KeyState::gauge_lag`).
+    pub(crate) fn set_state(&mut self, to: LeaseState, key: &mut KeyState) {
+        let from = self.state;
+        if from == to {
             return;
         }
-        let m = &self.key_pool.metrics;
-        match self.state {
-            LeaseState::Active => m.active.decrement(1.0),
-            LeaseState::Idle => {
-                m.idle.decrement(1.0);
-                self.key_pool.idle_total.fetch_sub(1, Ordering::Relaxed);
+        let key_pool = &self.key_pool;
+        let m = &key_pool.metrics;
+        match (from, to) {
+            (LeaseState::Active, LeaseState::Idle) => {
+                if key_pool.batched_metrics {
+                    key.gauge_lag -= 1;
+                } else {
+                    m.active.decrement(1.0);
+                    m.idle.increment(1.0);
+                }
+                key_pool.idle_total.add(1);
             }
-            LeaseState::Closing => {}
-        }
-        match state {
-            LeaseState::Active => m.active.increment(1.0),
-            LeaseState::Idle => {
-                m.idle.increment(1.0);
-                self.key_pool.idle_total.fetch_add(1, Ordering::Relaxed);
+            (LeaseState::Idle, LeaseState::Active) => {
+                if key_pool.batched_metrics {
+                    key.gauge_lag += 1;
+                } else {
+                    m.idle.decrement(1.0);
+                    m.active.increment(1.0);
+                }
+                key_pool.idle_total.add(-1);
             }
-            LeaseState::Closing => {}
+            (from, LeaseState::Closing) => leave(key_pool, from, key),
+            (LeaseState::Closing, _)
+            | (LeaseState::Active, LeaseState::Active)
+            | (LeaseState::Idle, LeaseState::Idle) => {
+                debug_assert!(false, "no way back from closing");
+            }
         }
-        self.state = state;
+        self.state = to;
     }
+}
 
-    /// Marks an idle connection chosen by the global eviction as closing, *without*
-    /// decrementing the idle total: the evicting release already did, when it claimed the
-    /// excess (see `Pool::evict_over_total`).
-    pub(crate) fn close_claimed(&mut self) {
-        debug_assert_eq!(self.state, LeaseState::Idle);
-        if self.state == LeaseState::Idle {
-            self.key_pool.metrics.idle.decrement(1.0);
-            self.state = LeaseState::Closing;
-        } else {
-            self.set_state(LeaseState::Closing);
+/// Takes a connection in state `from` out of the gauges and the idle count, under its key's
+/// lock: it is being closed.
+fn leave(key_pool: &KeyPool, from: LeaseState, key: &mut KeyState) {
+    let m = &key_pool.metrics;
+    match from {
+        // The published active gauge under-reports by `gauge_lag` when it is positive (and
+        // the idle gauge over-reports by as much): take the close from the idle side then.
+        LeaseState::Active if key.gauge_lag > 0 => {
+            key.gauge_lag -= 1;
+            m.idle.decrement(1.0);
         }
+        LeaseState::Active => m.active.decrement(1.0),
+        LeaseState::Idle => {
+            if key.gauge_lag < 0 {
+                key.gauge_lag += 1;
+                m.active.decrement(1.0);
+            } else {
+                m.idle.decrement(1.0);
+            }
+            key_pool.idle_total.add(-1);
+        }
+        LeaseState::Closing => {}
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        match self.state {
-            LeaseState::Active => self.key_pool.metrics.active.decrement(1.0),
-            LeaseState::Idle => {
-                self.key_pool.metrics.idle.decrement(1.0);
-                self.key_pool.idle_total.fetch_sub(1, Ordering::Relaxed);
-            }
-            LeaseState::Closing => {}
-        }
-        free_slot(&self.key_pool);
+        let mut state = self.key_pool.state.lock();
+        leave(&self.key_pool, self.state, &mut state);
+        free_slot_locked(&self.key_pool, &mut state);
     }
 }

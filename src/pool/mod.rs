@@ -19,11 +19,13 @@
 //! are closed at release.
 
 mod clock;
+mod idle_count;
 mod lease;
 mod reaper;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ use tokio::sync::oneshot;
 pub(crate) use lease::{Handoff, Lease, LeaseState, Slot};
 
 use self::clock::Tick;
+use self::idle_count::IdleCount;
 use crate::key::{PeerKey, PrehashedState};
 use crate::metrics::{EvictionReason, PeerMetrics};
 use crate::peer::Peer;
@@ -78,15 +81,19 @@ pub(crate) struct Limits {
     /// The connector's idle timeout, for keys whose peer sets none.
     pub(crate) idle_timeout: Duration,
     pub(crate) peer_label: bool,
+    /// `ConnectorOptions::batched_metrics`: the hit path's gauge moves and reused-checkout
+    /// counts are tallied per key and published by the reaper.
+    pub(crate) batched_metrics: bool,
 }
 
 /// All idle connections of one connector, by key.
 pub(crate) struct Pool {
     keys: DashMap<PeerKey, Arc<KeyPool>, PrehashedState>,
     /// Idle connections across all keys, for `max_idle_total`; shared with every `KeyPool`.
-    /// Exactly the connections in the idle lists minus the evictions claimed and not yet
-    /// taken out of a list (see [`Pool::evict_over_total`]).
-    idle_total: Arc<AtomicUsize>,
+    /// Exactly the connections in the idle lists, at rest (see [`IdleCount`]).
+    idle_total: Arc<IdleCount>,
+    /// Held by the one release at a time that evicts beyond `max_idle_total`.
+    evicting: Mutex<()>,
     /// Keys that may hold idle connections: where the global eviction samples. A key is
     /// added when a release gives it an idle connection and it is not listed yet, and removed
     /// lazily, when an eviction samples it and finds its list empty (or the reaper forgets
@@ -118,7 +125,9 @@ pub(crate) struct KeyPool {
     /// The key's idle timeout: `min_idle` top-ups and the key itself stop this long after
     /// its last use.
     idle_timeout: Duration,
-    idle_total: Arc<AtomicUsize>,
+    idle_total: Arc<IdleCount>,
+    /// `ConnectorOptions::batched_metrics`.
+    batched_metrics: bool,
     /// This key's place in `Pool::candidates` while `KeyState::listed`; written only under
     /// the candidates' lock.
     candidate_index: AtomicUsize,
@@ -126,7 +135,7 @@ pub(crate) struct KeyPool {
 }
 
 #[derive(Default)]
-struct KeyState {
+pub(crate) struct KeyState {
     /// Most recently released at the back; hand out from the back so surplus connections
     /// age out at the front.
     idle: VecDeque<Idle>,
@@ -150,6 +159,16 @@ struct KeyState {
     /// Checkouts answered with a pooled connection (`PeerStats::checkouts_reused`): counted
     /// here, under the lock the hit path holds anyway, instead of with one more atomic.
     reused: u64,
+    /// With `batched_metrics`: how much of `reused` the reaper has added to the
+    /// `checkouts_total{outcome="reused"}` counter.
+    reused_published: u64,
+    /// With `batched_metrics`: checkouts of idle connections minus releases into the idle
+    /// list that the gauges do not show yet. The published idle gauge over-reports this key
+    /// by it and the active gauge under-reports by as much (the other way round when it is
+    /// negative). It stays within −idle ≤ lag ≤ active (a close takes its decrement from the
+    /// gauge that over-reports; see `lease::leave`), so the published gauges never go
+    /// negative and are exact again at each reaper pass.
+    gauge_lag: i64,
     /// Top-up dials failed in a row, and when the next may start.
     refill_failures: u32,
     refill_after: Option<Tick>,
@@ -208,7 +227,8 @@ impl Pool {
         Pool {
             refill,
             keys: DashMap::with_hasher(PrehashedState::default()),
-            idle_total: Arc::new(AtomicUsize::new(0)),
+            idle_total: Arc::new(IdleCount::new()),
+            evicting: Mutex::new(()),
             candidates: Mutex::new(Vec::new()),
             limits,
             reaper_started: AtomicBool::new(false),
@@ -234,29 +254,20 @@ impl Pool {
         // whose first dial failed, and the reaper forgets keys nobody uses (keys whose dials
         // all fail would otherwise pile up).
         self.ensure_reaper();
-        loop {
-            let (found, expired) = match self.keys.get(key) {
-                Some(key_pool) => key_pool.checkout_locked(max, now, idle_timeout, min_idle),
-                None => self
-                    .keys
-                    .entry(key.clone())
-                    .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
-                    .checkout_locked(max, now, idle_timeout, min_idle),
-            };
+        let (found, unusable) = match self.keys.get(key) {
+            Some(key_pool) => key_pool.checkout_locked(max, now, idle_timeout, min_idle),
+            None => self
+                .keys
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                .checkout_locked(max, now, idle_timeout, min_idle),
+        };
+        for conn in unusable {
+            tracing::debug!(peer = %conn.inner.lease.peer_description(), "evicted at checkout");
             // Dropped here, outside every lock.
-            drop(expired);
-            let Checkout::Reused(mut conn) = found else {
-                return found;
-            };
-            if let Some(reason) = self.unusable(&mut conn, now) {
-                // Counted as handed out under the lock; it was not.
-                conn.inner.lease.key_pool.state.lock().reused -= 1;
-                conn.inner.lease.key_pool.metrics.evicted(reason);
-                tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "evicted at checkout");
-                continue;
-            }
-            return Checkout::Reused(conn);
+            drop(conn);
         }
+        found
     }
 
     /// Takes a slot for a new dial without looking at the idle list (a retry that must not
@@ -299,6 +310,7 @@ impl Pool {
                 .idle_timeout
                 .unwrap_or(self.limits.idle_timeout),
             idle_total: Arc::clone(&self.idle_total),
+            batched_metrics: self.limits.batched_metrics,
             candidate_index: AtomicUsize::new(0),
             state: Mutex::new(KeyState::default()),
         }
@@ -324,7 +336,7 @@ impl Pool {
         let room_total = self
             .limits
             .max_idle_total
-            .saturating_sub(self.idle_total.load(Ordering::Relaxed));
+            .saturating_sub(self.idle_total.sum());
         let target = n.min(self.limits.max_idle_per_peer);
         let mut state = key_pool.state.lock();
         state.last_used = Some(now);
@@ -369,7 +381,7 @@ impl Pool {
     }
 
     /// Why an idle connection must not be handed out, if it must not.
-    fn unusable(&self, conn: &mut Connection, now: Tick) -> Option<EvictionReason> {
+    fn unusable(conn: &mut Connection, now: Tick) -> Option<EvictionReason> {
         // The lease's own lifetime: `max_lifetime` shortened by its jitter.
         if let Some(max) = conn.inner.lease.lifetime {
             if now.exceeded(conn.inner.lease.created, max) {
@@ -389,7 +401,7 @@ impl Pool {
         let now = Tick::now();
         let retire = match self.limits.max_uses {
             Some(max) if conn.inner.lease.uses >= max => Some(EvictionReason::MaxUses),
-            _ => self.unusable(&mut conn, now),
+            _ => Pool::unusable(&mut conn, now),
         };
         if let Some(reason) = retire {
             conn.inner.lease.key_pool.metrics.evicted(reason);
@@ -418,17 +430,22 @@ impl Pool {
                     Some(Handoff::Slot(_)) => unreachable!("offer returns the value it was given"),
                 }
             }
-            conn.inner.lease.set_state(LeaseState::Idle);
+            conn.inner.lease.set_state(LeaseState::Idle, &mut state);
             state.idle.push_back(Idle { conn, since: now });
             if !state.listed {
                 state.listed = true;
                 self.list_candidate(&key_pool);
             }
             if state.idle.len() > self.limits.max_idle_per_peer {
-                state.idle.pop_front().map(|mut surplus| {
-                    surplus.conn.inner.lease.set_state(LeaseState::Closing);
+                let mut surplus = state.idle.pop_front();
+                if let Some(surplus) = &mut surplus {
                     surplus
-                })
+                        .conn
+                        .inner
+                        .lease
+                        .set_state(LeaseState::Closing, &mut state);
+                }
+                surplus
             } else {
                 None
             }
@@ -437,7 +454,7 @@ impl Pool {
             key_pool.metrics.evicted(EvictionReason::Capacity);
             drop(surplus);
         }
-        if self.idle_total.load(Ordering::Relaxed) > self.limits.max_idle_total {
+        if self.idle_total.may_exceed(self.limits.max_idle_total) {
             self.evict_over_total();
         }
         self.ensure_reaper();
@@ -460,24 +477,19 @@ impl Pool {
     ///   [`EVICTION_EXACT_UP_TO`] candidate keys every one is looked at, so small pools evict
     ///   in exact LRU order.
     ///
-    /// Never below the cap, however many releases run at once: each eviction first *claims*
-    /// one unit of the excess by decrementing the idle total while it is above the cap
-    /// (compare-and-swap), then takes one connection out of a list. So the evictions never
-    /// outnumber the excess; if the lists ran empty meanwhile (checkouts took them, which
-    /// lowers the total too) the claim is given back. At rest the total is within the cap
-    /// exactly; a sample taken during a release can see one extra idle connection per thread
-    /// releasing (pushed, not yet evicted).
+    /// Evictions are serialised (one release at a time evicts, under `evicting`), and each
+    /// one is decided on the exact count ([`IdleCount::sum`]), so concurrent releases never
+    /// evict more than the excess between them, and at rest the total is within the cap
+    /// exactly. A checkout that takes an idle connection while a release evicts can make that
+    /// release evict one connection more than needed (the count it read still held the one
+    /// taken): below the cap by at most the number of checkouts running concurrently with
+    /// the eviction, and only until they release. A sample taken during a release can see
+    /// one extra idle connection per thread releasing (pushed, not yet evicted).
     fn evict_over_total(&self) {
         let cap = self.limits.max_idle_total;
-        while self
-            .idle_total
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n > cap).then(|| n - 1)
-            })
-            .is_ok()
-        {
+        let _evicting = self.evicting.lock();
+        while self.idle_total.sum() > cap {
             let Some(victim) = self.take_victim() else {
-                self.idle_total.fetch_add(1, Ordering::Relaxed);
                 return;
             };
             victim
@@ -487,13 +499,13 @@ impl Pool {
                 .metrics
                 .evicted(EvictionReason::Capacity);
             tracing::debug!(peer = %victim.inner.lease.peer_description(), "evicted by max_idle_total");
-            // Dropped here, outside every lock.
+            // Dropped here, outside every key's lock.
             drop(victim);
         }
     }
 
-    /// Takes the least recently released idle connection of a sample of keys out of its list,
-    /// for an eviction already claimed. `None` once no key has an idle connection.
+    /// Takes the least recently released idle connection of a sample of keys out of its list
+    /// (counted out of the idle total). `None` once no key has an idle connection.
     ///
     /// Each round either finds a victim or drops stale candidates (keys whose list is empty)
     /// from `candidates`; each such removal is paid for by the release that listed the key,
@@ -534,7 +546,11 @@ impl Pool {
             let mut state = key_pool.state.lock();
             // Emptied since it was sampled (by checkouts): sample again.
             if let Some(mut victim) = state.idle.pop_front() {
-                victim.conn.inner.lease.close_claimed();
+                victim
+                    .conn
+                    .inner
+                    .lease
+                    .set_state(LeaseState::Closing, &mut state);
                 return Some(victim.conn);
             }
         }
@@ -579,7 +595,7 @@ impl Pool {
 
     /// Idle connections across all keys.
     pub(crate) fn idle_count(&self) -> usize {
-        self.idle_total.load(Ordering::Relaxed)
+        self.idle_total.sum()
     }
 
     /// Idle connections for one key.
@@ -623,16 +639,17 @@ impl Pool {
                 let reason = if now.exceeded(idle.since, idle.conn.inner.lease.idle_timeout) {
                     Some(EvictionReason::IdleTimeout)
                 } else {
-                    self.unusable(&mut idle.conn, now)
+                    Pool::unusable(&mut idle.conn, now)
                 };
                 match reason.and_then(|r| state.idle.remove(i).map(|idle| (r, idle.conn))) {
                     Some((reason, mut gone)) => {
-                        gone.inner.lease.set_state(LeaseState::Closing);
+                        gone.inner.lease.set_state(LeaseState::Closing, &mut state);
                         evicted.push((reason, gone));
                     }
                     None => i += 1,
                 }
             }
+            entry.publish_metrics(&mut state);
         }
         for (reason, conn) in evicted {
             conn.inner.lease.key_pool.metrics.evicted(reason);
@@ -664,7 +681,7 @@ impl Pool {
         let room_total = self
             .limits
             .max_idle_total
-            .saturating_sub(self.idle_total.load(Ordering::Relaxed));
+            .saturating_sub(self.idle_total.sum());
         budget = budget.min(room_total);
         let mut dials = Vec::new();
         for entry in self.keys.iter() {
@@ -706,8 +723,14 @@ impl Pool {
 }
 
 impl KeyPool {
-    /// Under this key's lock: pop the newest idle connection, else take a slot, else queue.
-    /// Returns expired idle connections separately so the caller drops them unlocked.
+    /// Under this key's lock: pop the newest idle connection that is still usable, else
+    /// take a slot, else queue. Returns the idle connections found unusable on the way
+    /// separately, so the caller drops them unlocked.
+    ///
+    /// The usability check (idle timeout, lifetime, liveness) runs under the lock: in the
+    /// common case it is a few loads (see [`Connection::liveness`]); only a connection
+    /// something arrived on is read, which the reaper, passing every `reap_interval`,
+    /// usually did first. So `reused` counts only connections actually handed out.
     fn checkout_locked(
         self: &Arc<Self>,
         cap: Option<usize>,
@@ -715,31 +738,64 @@ impl KeyPool {
         idle_timeout: Duration,
         min_idle: usize,
     ) -> (Checkout, Vec<Connection>) {
-        let mut expired = Vec::new();
+        let mut unusable = Vec::new();
         let mut state = self.state.lock();
         state.last_used = Some(now);
         state.min_idle = min_idle;
         while let Some(idle) = state.idle.pop_back() {
             let timeout = idle.conn.inner.lease.idle_timeout.min(idle_timeout);
             let mut conn = idle.conn;
-            if now.exceeded(idle.since, timeout) {
-                self.metrics.evicted(EvictionReason::IdleTimeout);
-                conn.inner.lease.set_state(LeaseState::Closing);
-                expired.push(conn);
+            let reason = if now.exceeded(idle.since, timeout) {
+                Some(EvictionReason::IdleTimeout)
+            } else {
+                Pool::unusable(&mut conn, now)
+            };
+            if let Some(reason) = reason {
+                self.metrics.evicted(reason);
+                conn.inner.lease.set_state(LeaseState::Closing, &mut state);
+                unusable.push(conn);
                 continue;
             }
             state.reused += 1;
             // Counted active as it leaves the list, under the lock: the idle total never
-            // counts a connection no list holds (see `Pool::evict_over_total`). If the
-            // caller finds it dead it is dropped as an active one.
-            conn.inner.lease.set_state(LeaseState::Active);
-            return (Checkout::Reused(conn), expired);
+            // counts a connection no list holds (see `Pool::evict_over_total`).
+            conn.inner.lease.set_state(LeaseState::Active, &mut state);
+            return (Checkout::Reused(conn), unusable);
         }
         if cap.is_none_or(|cap| state.total < cap) {
             state.total += 1;
-            return (Checkout::Dial(Slot::taken(Arc::clone(self))), expired);
+            return (Checkout::Dial(Slot::taken(Arc::clone(self))), unusable);
         }
-        (self.enqueue_waiter_locked(&mut state), expired)
+        (self.enqueue_waiter_locked(&mut state), unusable)
+    }
+
+    /// With `batched_metrics`: publishes what the hit path only tallied (see
+    /// `KeyState::gauge_lag`) to the gauges and the reused-checkout counter. Under the key's
+    /// lock, so that no close decides against a tally half published.
+    fn publish_metrics(&self, state: &mut KeyState) {
+        if !self.batched_metrics {
+            return;
+        }
+        if state.gauge_lag != 0 {
+            let lag = state.gauge_lag as f64;
+            self.metrics.idle.decrement(lag);
+            self.metrics.active.increment(lag);
+            state.gauge_lag = 0;
+        }
+        if state.reused > state.reused_published {
+            self.metrics
+                .checkout_reused
+                .increment(state.reused - state.reused_published);
+            state.reused_published = state.reused;
+        }
+    }
+
+    /// Counts a reused checkout in `checkouts_total`, unless the reaper publishes it from
+    /// `KeyState::reused` (`batched_metrics`).
+    pub(crate) fn count_reused_checkout(&self) {
+        if !self.batched_metrics {
+            self.metrics.checkout_reused.increment(1);
+        }
     }
 
     /// Under this key's lock: take a slot, else queue (when `queue`), never an idle one.
@@ -821,11 +877,14 @@ impl KeyPool {
         let idle: Vec<Connection> = {
             let mut state = self.state.lock();
             state.epoch += 1;
-            state
-                .idle
-                .drain(..)
+            let drained: Vec<Idle> = state.idle.drain(..).collect();
+            drained
+                .into_iter()
                 .map(|mut i| {
-                    i.conn.inner.lease.set_state(LeaseState::Closing);
+                    i.conn
+                        .inner
+                        .lease
+                        .set_state(LeaseState::Closing, &mut state);
                     i.conn
                 })
                 .collect()
@@ -856,7 +915,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("keys", &self.keys.len())
-            .field("idle_total", &self.idle_total.load(Ordering::Relaxed))
+            .field("idle_total", &self.idle_total.sum())
             .field("limits", &self.limits)
             .finish()
     }
@@ -869,6 +928,9 @@ impl Drop for Pool {
         let mut idle = Vec::new();
         for entry in self.keys.iter() {
             let mut state = entry.state.lock();
+            // What the reaper had not published yet; the connections closed below (and the
+            // ones still in use, when they go) then count down the gauges exactly.
+            entry.publish_metrics(&mut state);
             idle.extend(state.idle.drain(..).map(|i| i.conn));
             state.waiters.clear();
         }
