@@ -10,16 +10,27 @@
 //! per [`FOLD_AT`] net changes instead of on every one, and a hit (−1, then +1) never writes
 //! it at all.
 //!
+//! A stripe belongs to exactly one thread: threads are numbered once, in the order they
+//! first touch any pool, and numbers are never reused, so thread `i` owns stripe `i` of every
+//! pool. Its owner updates it with a plain load and store, no read-modify-write (a locked
+//! instruction costs more than the rest of the update); other threads only read it. Threads
+//! numbered beyond the [`STRIPES`] stripes (a process that has started that many threads)
+//! add to the shared total directly, exact and a little slower.
+//!
 //! The price is that the shared total alone is only approximate, off by less than
-//! [`IdleCount::slack`] (stripes × [`FOLD_AT`]). The release path reads only the shared total
-//! while it is that far below `max_idle_total`, and adds the stripes up only near the cap;
-//! [`IdleCount::sum`] is exact whenever no update runs concurrently (at rest).
+//! [`IdleCount::slack`] ([`FOLD_AT`] per thread that has a stripe). The release path reads
+//! only the shared total while it is that far below `max_idle_total`, and adds the stripes up
+//! only near the cap; [`IdleCount::sum`] is exact whenever no update runs concurrently (at
+//! rest).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 
 /// A stripe moves into the shared total once it holds this much (either sign).
 const FOLD_AT: isize = 16;
+
+/// Stripes per pool, so threads numbered 0 to 63 have one each: 8 KiB per connector.
+const STRIPES: usize = 64;
 
 /// One cache line (two, for adjacent-line prefetchers) per stripe, so stripes do not share.
 #[repr(align(128))]
@@ -34,24 +45,25 @@ pub(crate) struct IdleCount {
 
 impl IdleCount {
     pub(crate) fn new() -> IdleCount {
-        // Twice the cores, so that threads rarely share a stripe; a power of two for the mask.
-        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let n = (cores * 2).clamp(4, 64).next_power_of_two();
         IdleCount {
             shared: Padded::default(),
-            stripes: (0..n).map(|_| Padded::default()).collect(),
+            stripes: (0..STRIPES).map(|_| Padded::default()).collect(),
         }
     }
 
     /// Adds `delta` (±1) on this thread's stripe.
     pub(crate) fn add(&self, delta: isize) {
-        let stripe = &self.stripes[thread_index() & (self.stripes.len() - 1)].0;
-        let now = stripe.fetch_add(delta, Ordering::Relaxed) + delta;
+        let Some(own) = self.stripes.get(thread_index()) else {
+            self.shared.0.fetch_add(delta, Ordering::Relaxed);
+            return;
+        };
+        // Only this thread writes its stripe, so load + store cannot lose an update.
+        let now = own.0.load(Ordering::Relaxed) + delta;
         if now.abs() >= FOLD_AT {
-            // Moves what this thread saw; a concurrent add on the same stripe (another thread
-            // with the same index) stays in the stripe, so nothing is counted twice or lost.
-            stripe.fetch_sub(now, Ordering::Relaxed);
+            own.0.store(0, Ordering::Relaxed);
             self.shared.0.fetch_add(now, Ordering::Relaxed);
+        } else {
+            own.0.store(now, Ordering::Relaxed);
         }
     }
 
@@ -64,10 +76,9 @@ impl IdleCount {
     }
 
     /// The count: exact at rest; while updates run, each stripe is read at a different
-    /// moment, so it may be off by the updates running meanwhile.
+    /// moment (and a fold is two writes), so it may be off by the updates running meanwhile.
     pub(crate) fn sum(&self) -> usize {
-        let stripes: isize = self
-            .stripes
+        let stripes: isize = self.stripes[..threads_with_stripes()]
             .iter()
             .map(|s| s.0.load(Ordering::Relaxed))
             .sum();
@@ -75,19 +86,27 @@ impl IdleCount {
         usize::try_from(total).unwrap_or(0)
     }
 
-    /// How far the shared total can be from the count.
+    /// How far the shared total can be from the count: less than [`FOLD_AT`] per stripe in
+    /// use.
     fn slack(&self) -> isize {
-        self.stripes.len() as isize * (FOLD_AT - 1)
+        threads_with_stripes() as isize * (FOLD_AT - 1)
     }
 }
 
-/// This thread's stripe index: threads are numbered in the order they first touch any pool.
+/// Threads numbered so far (they number the stripes that can be non-zero).
+static NUMBERED: AtomicUsize = AtomicUsize::new(0);
+
+/// This thread's number, and so its stripe.
 fn thread_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static INDEX: Cell<usize> = Cell::new(NEXT.fetch_add(1, Ordering::Relaxed));
+        static INDEX: Cell<usize> = Cell::new(NUMBERED.fetch_add(1, Ordering::AcqRel));
     }
     INDEX.with(Cell::get)
+}
+
+/// How many stripes may hold something: the threads numbered so far, at most [`STRIPES`].
+fn threads_with_stripes() -> usize {
+    NUMBERED.load(Ordering::Acquire).min(STRIPES)
 }
 
 #[cfg(test)]
