@@ -15,6 +15,7 @@ use openssl::x509::X509;
 
 use crate::error::{Error, Result};
 use crate::key::PeerKey;
+use crate::pool::KeyPoolLink;
 
 /// Where a peer lives: a TCP socket address or a Unix-domain socket path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -292,6 +293,10 @@ pub(crate) struct PeerInner {
     /// The first unusable setting, reported by `key()`.
     pub(crate) invalid: Option<String>,
     key: OnceLock<Identity>,
+    /// The pool entry this peer's key found in the first connector that checked it out:
+    /// later checkouts there go straight to it, without the key map (see
+    /// `Pool::checkout`). Shared by clones of the peer; reset by every edit.
+    key_pool: OnceLock<KeyPoolLink>,
 }
 
 /// The key, computed once, and beside it what the pool's hit path reads from the peer besides
@@ -327,6 +332,7 @@ impl Peer {
                 name: None,
                 invalid: None,
                 key: OnceLock::new(),
+                key_pool: OnceLock::new(),
             }),
         }
     }
@@ -361,8 +367,9 @@ impl Peer {
     fn edit(mut self, f: impl FnOnce(&mut PeerInner)) -> Peer {
         let inner = Arc::make_mut(&mut self.inner);
         f(inner);
-        // Any change invalidates the cached identity.
+        // Any change invalidates the cached identity and pool entry.
         inner.key = OnceLock::new();
+        inner.key_pool = OnceLock::new();
         self
     }
 
@@ -593,6 +600,29 @@ impl Peer {
             idle_timeout: self.inner.idle_timeout,
         });
         Ok(&identity.key)
+    }
+
+    /// The pool entry cached by [`Peer::cache_key_pool`], if any.
+    pub(crate) fn cached_key_pool(&self) -> Option<&KeyPoolLink> {
+        self.inner.key_pool.get()
+    }
+
+    /// Remembers the pool entry of this peer's key, unless one is remembered already (the
+    /// first connector's stays).
+    pub(crate) fn cache_key_pool(&self, link: impl FnOnce() -> KeyPoolLink) {
+        if self.inner.key_pool.get().is_none() {
+            let _ = self.inner.key_pool.set(link());
+        }
+    }
+
+    /// A copy of this peer that shares nothing with it, for the pool entry to keep: an entry
+    /// holding a peer whose cache holds the entry would never be freed.
+    pub(crate) fn detached(&self) -> Peer {
+        let mut inner = (*self.inner).clone();
+        inner.key_pool = OnceLock::new();
+        Peer {
+            inner: Arc::new(inner),
+        }
     }
 
     /// The idle timeout set on this peer, if any (read next to the cached key once `key()` ran).

@@ -1037,3 +1037,70 @@ async fn a_release_outside_any_runtime_does_not_disable_the_reaper() {
         "no reaper after a release outside the runtime"
     );
 }
+
+/// A peer caches its key's pool entry for the hit path (no map lookup). The cache must never
+/// outlive the map's entry: once the reaper forgot the key, the same peer object and a peer
+/// built anew with an equal key must share one new entry (one connection count, one cap, one
+/// idle list), and an edited peer must never use the entry of the peer it was edited from.
+#[tokio::test]
+async fn a_peer_s_cached_pool_entry_follows_the_map_after_the_key_is_forgotten() {
+    let server = TestServer::start(Behaviour::Http);
+    let peer = tls_peer(&server);
+    let c = connector(|o| {
+        o.idle_timeout = Duration::from_millis(100);
+        o.reap_interval = Duration::from_millis(20);
+        o.max_connections_per_peer = Some(1);
+        o.wait_timeout = Duration::from_millis(100);
+    });
+    let mut conn = c.get(&peer).await.unwrap();
+    exchange(&mut conn).await;
+    c.release(conn);
+    let conn = c.get(&peer).await.unwrap();
+    assert!(
+        conn.reused(),
+        "the second get goes through the cached entry"
+    );
+    drop(conn);
+    // Unused for its idle timeout with no connections: the reaper forgets the key.
+    assert!(
+        support::wait_until(Duration::from_secs(3), || {
+            c.stats_for(&peer) == upstream_pool::PeerStats::default()
+        })
+        .await,
+        "the key was forgotten"
+    );
+
+    // The same peer object dials into a new entry, which a rebuilt peer finds in the map.
+    let mut held = c.get(&peer).await.unwrap();
+    assert!(!held.reused());
+    exchange(&mut held).await;
+    assert_eq!(server.stats().accepted, 2);
+    let rebuilt = tls_peer(&server);
+    assert_eq!(c.connection_count_for(&rebuilt), 1, "one entry for the key");
+    assert_eq!(c.stats_for(&rebuilt).checkouts_new, 1, "counted from zero");
+    let waited = c.get(&rebuilt).await.unwrap_err();
+    assert_eq!(
+        waited.kind(),
+        upstream_pool::ErrorKind::PoolTimedout,
+        "the cap of 1 is shared by the cached peer and the rebuilt one"
+    );
+    c.release(held);
+    let conn = c.get(&rebuilt).await.unwrap();
+    assert!(
+        conn.reused(),
+        "the rebuilt peer gets what the cached one released"
+    );
+    c.release(conn);
+    let conn = c.get(&peer).await.unwrap();
+    assert!(conn.reused());
+    c.release(conn);
+    assert_eq!(server.stats().accepted, 2);
+
+    // An edited clone is another key: it never takes the original's connection.
+    let other = peer.clone().with_group("other");
+    let conn = c.get(&other).await.unwrap();
+    assert!(!conn.reused());
+    assert_eq!(server.stats().accepted, 3);
+    assert_eq!(c.idle_count_for(&peer), 1);
+    drop(conn);
+}

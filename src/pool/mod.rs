@@ -94,6 +94,8 @@ pub(crate) struct Limits {
 
 /// All idle connections of one connector, by key.
 pub(crate) struct Pool {
+    /// Tells pools apart in a peer's [`KeyPoolLink`]; never reused in the process.
+    id: u64,
     keys: DashMap<PeerKey, Arc<KeyPool>, PrehashedState>,
     /// Idle connections across all keys, for `max_idle_total`; shared with every `KeyPool`.
     /// Exactly the connections in the idle lists, at rest (see [`IdleCount`]).
@@ -115,6 +117,13 @@ pub(crate) struct Pool {
     unlabelled_metrics: OnceLock<Arc<PeerMetrics>>,
     /// The connector, for `min_idle` top-up dials.
     refill: Weak<dyn Refill>,
+}
+
+/// A peer's shortcut to its key's pool entry in one pool (see [`Pool::checkout`]).
+#[derive(Clone)]
+pub(crate) struct KeyPoolLink {
+    pool_id: u64,
+    key_pool: Arc<KeyPool>,
 }
 
 /// One key's connections.
@@ -186,6 +195,9 @@ pub(crate) struct KeyState {
     refill_after: Option<Tick>,
     /// Whether the key is in `Pool::candidates`.
     listed: bool,
+    /// Set by the reaper, under this lock, when it removes the key from the map: a peer's
+    /// cached link to this entry must not use it any more (see [`Pool::checkout`]).
+    forgotten: bool,
 }
 
 /// One `preconnect` or top-up dial's place in [`KeyState::warming`]: released on drop, after
@@ -236,7 +248,9 @@ pub(crate) enum Checkout {
 
 impl Pool {
     pub(crate) fn new(limits: Limits, refill: Weak<dyn Refill>) -> Pool {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Pool {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             refill,
             keys: DashMap::with_hasher_and_shard_amount(PrehashedState::default(), MAP_SHARDS),
             idle_total: Arc::new(IdleCount::new()),
@@ -266,13 +280,38 @@ impl Pool {
         // whose first dial failed, and the reaper forgets keys nobody uses (keys whose dials
         // all fail would otherwise pile up).
         self.ensure_reaper();
-        let (found, unusable) = match self.keys.get(key) {
-            Some(key_pool) => key_pool.checkout_locked(max, now, idle_timeout, min_idle),
-            None => self
-                .keys
-                .entry(key.clone())
-                .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
-                .checkout_locked(max, now, idle_timeout, min_idle),
+        // The peer's cached link skips the key map (its shard lock is two atomic writes,
+        // and the lookup compares the whole key): the entry it points to was found with this
+        // peer's exact key, edits to the peer reset the link, and an entry the reaper
+        // removed from the map says so under its lock, so the link is used only while it is
+        // the map's entry for the key.
+        let cached = peer
+            .cached_key_pool()
+            .filter(|link| link.pool_id == self.id)
+            .and_then(|link| {
+                link.key_pool
+                    .checkout_locked(max, now, idle_timeout, min_idle)
+            });
+        let (found, unusable) = match cached {
+            Some(outcome) => outcome,
+            None => {
+                let entry = match self.keys.get(key) {
+                    Some(entry) => entry,
+                    None => self
+                        .keys
+                        .entry(key.clone())
+                        .or_insert_with(|| Arc::new(self.new_key_pool(peer)))
+                        .downgrade(),
+                };
+                peer.cache_key_pool(|| KeyPoolLink {
+                    pool_id: self.id,
+                    key_pool: Arc::clone(entry.value()),
+                });
+                // Under the shard's read lock, so the reaper cannot have removed it.
+                entry
+                    .checkout_locked(max, now, idle_timeout, min_idle)
+                    .unwrap_or_else(|| unreachable!("an entry in the map is not forgotten"))
+            }
         };
         for conn in unusable {
             tracing::debug!(peer = %conn.inner.lease.peer_description(), "evicted at checkout");
@@ -316,7 +355,7 @@ impl Pool {
                 )
             },
             stats: KeyStats::default(),
-            peer: peer.clone(),
+            peer: peer.detached(),
             idle_timeout: peer
                 .settings()
                 .idle_timeout
@@ -679,6 +718,7 @@ impl Pool {
     fn forget_if_unused(&self, key_pool: &KeyPool, now: Tick) -> bool {
         let mut state = key_pool.state.lock();
         let unused = key_pool.is_unused(&mut state, now);
+        state.forgotten = unused;
         if unused && state.listed {
             state.listed = false;
             self.unlist_candidate(key_pool);
@@ -749,9 +789,12 @@ impl KeyPool {
         now: Tick,
         idle_timeout: Duration,
         min_idle: usize,
-    ) -> (Checkout, Vec<Connection>) {
+    ) -> Option<(Checkout, Vec<Connection>)> {
         let mut unusable = Vec::new();
         let mut state = self.state.lock();
+        if state.forgotten {
+            return None;
+        }
         state.last_used = Some(now);
         state.min_idle = min_idle;
         while let Some(idle) = state.idle.pop_back() {
@@ -772,13 +815,13 @@ impl KeyPool {
             // Counted active as it leaves the list, under the lock: the idle total never
             // counts a connection no list holds (see `Pool::evict_over_total`).
             conn.inner.lease.set_state(LeaseState::Active, &mut state);
-            return (Checkout::Reused(conn), unusable);
+            return Some((Checkout::Reused(conn), unusable));
         }
         if cap.is_none_or(|cap| state.total < cap) {
             state.total += 1;
-            return (Checkout::Dial(Slot::taken(Arc::clone(self))), unusable);
+            return Some((Checkout::Dial(Slot::taken(Arc::clone(self))), unusable));
         }
-        (self.enqueue_waiter_locked(&mut state), unusable)
+        Some((self.enqueue_waiter_locked(&mut state), unusable))
     }
 
     /// With `batched_metrics`: publishes what the hit path only tallied (see
