@@ -10,12 +10,14 @@
 //! per [`FOLD_AT`] net changes instead of on every one, and a hit (−1, then +1) never writes
 //! it at all.
 //!
-//! A stripe belongs to exactly one thread: threads are numbered once, in the order they
-//! first touch any pool, and numbers are never reused, so thread `i` owns stripe `i` of every
-//! pool. Its owner updates it with a plain load and store, no read-modify-write (a locked
-//! instruction costs more than the rest of the update); other threads only read it. Threads
-//! numbered beyond the [`STRIPES`] stripes (a process that has started that many threads)
-//! add to the shared total directly, exact and a little slower.
+//! A stripe belongs to exactly one thread at a time: a thread takes a number when it first
+//! touches any pool and gives it back when it exits, and thread number `i` owns stripe `i` of
+//! every pool. Its owner updates it with a plain load and store, no read-modify-write (a
+//! locked instruction costs more than the rest of the update); other threads only read it. A
+//! number given back keeps its stripes' values, which the next owner continues from (the
+//! hand-over goes through a mutex, so the new owner sees the last value). Threads beyond the
+//! [`STRIPES`] numbers (more than that many alive at once) add to the shared total directly,
+//! exact and a little slower.
 //!
 //! The price is that the shared total alone is only approximate, off by less than
 //! [`IdleCount::slack`] ([`FOLD_AT`] per thread that has a stripe). The release path reads
@@ -23,7 +25,7 @@
 //! only near the cap; [`IdleCount::sum`] is exact whenever no update runs concurrently (at
 //! rest).
 
-use std::cell::Cell;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 
 /// A stripe moves into the shared total once it holds this much (either sign).
@@ -53,7 +55,7 @@ impl IdleCount {
 
     /// Adds `delta` (±1) on this thread's stripe.
     pub(crate) fn add(&self, delta: isize) {
-        let Some(own) = self.stripes.get(thread_index()) else {
+        let Some(own) = thread_index().and_then(|i| self.stripes.get(i)) else {
             self.shared.0.fetch_add(delta, Ordering::Relaxed);
             return;
         };
@@ -93,18 +95,36 @@ impl IdleCount {
     }
 }
 
-/// Threads numbered so far (they number the stripes that can be non-zero).
+/// Numbers handed out so far: the stripes that can be non-zero are below it.
 static NUMBERED: AtomicUsize = AtomicUsize::new(0);
 
-/// This thread's number, and so its stripe.
-fn thread_index() -> usize {
-    thread_local! {
-        static INDEX: Cell<usize> = Cell::new(NUMBERED.fetch_add(1, Ordering::AcqRel));
+/// Numbers of threads that exited, for the next threads to take.
+static RETURNED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// A thread's number, given back when the thread exits.
+struct ThreadNumber(usize);
+
+impl Drop for ThreadNumber {
+    fn drop(&mut self) {
+        RETURNED.lock().push(self.0);
     }
-    INDEX.with(Cell::get)
 }
 
-/// How many stripes may hold something: the threads numbered so far, at most [`STRIPES`].
+/// This thread's number, and so its stripe; `None` while the thread is exiting (its
+/// thread-locals are being destroyed), when the caller uses the shared total.
+fn thread_index() -> Option<usize> {
+    thread_local! {
+        static NUMBER: ThreadNumber = ThreadNumber(
+            RETURNED
+                .lock()
+                .pop()
+                .unwrap_or_else(|| NUMBERED.fetch_add(1, Ordering::AcqRel)),
+        );
+    }
+    NUMBER.try_with(|n| n.0).ok()
+}
+
+/// How many stripes may hold something: the numbers handed out so far, at most [`STRIPES`].
 fn threads_with_stripes() -> usize {
     NUMBERED.load(Ordering::Acquire).min(STRIPES)
 }
@@ -137,6 +157,26 @@ mod tests {
         assert!((expected as isize - shared).abs() <= count.slack());
         assert!(count.may_exceed(expected - 1));
         assert!(!count.may_exceed(expected));
+    }
+
+    #[test]
+    fn threads_that_come_and_go_reuse_stripes_and_lose_nothing() {
+        let count = IdleCount::new();
+        for _ in 0..200 {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    count.add(1);
+                    count.add(1);
+                    count.add(-1);
+                });
+            });
+        }
+        assert_eq!(count.sum(), 200);
+        assert!(
+            threads_with_stripes() < STRIPES,
+            "200 threads one after the other took {} numbers",
+            NUMBERED.load(Ordering::Relaxed)
+        );
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! that key's `total`. A [`Slot`] is the count for a dial in progress; it becomes part of the
 //! connection's [`Lease`] once the dial succeeds. Dropping either frees the slot, or hands it
 //! straight to the oldest waiter, so a cancelled dial or a dropped connection can never leak
-//! capacity. The lease also keeps the idle/active gauges and the global idle count exact: it
-//! knows which of the two it is counted in and undoes that on drop.
+//! capacity. The lease also keeps the idle/active gauges and the global idle count: it knows
+//! which of the two it is counted in, moves between them under the key's lock, and undoes
+//! that on drop (under the same lock). With `batched_metrics` the moves of the hit path are
+//! tallied in the key's state instead of written to the gauges (see `Lease::set_state`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,14 +3,19 @@
 //! Layout and locking:
 //! - `Pool::keys` maps each key to its [`KeyPool`]. Lookups hold the map shard's read lock
 //!   while they take a slot or an idle connection, and the reaper removes an unused
-//!   `KeyPool` only under the shard's write lock after checking it is empty, so nobody can
-//!   take a slot in a `KeyPool` that is being removed. Lock order: map shard, then
-//!   `KeyPool::state`, then `Pool::candidates` (the keys global eviction samples); never the
-//!   other way.
+//!   `KeyPool` only under the shard's write lock after checking it is empty, and marks it
+//!   `forgotten` under its own lock, so nobody can take a slot in a `KeyPool` that is being
+//!   removed. A peer that found its entry once keeps a link to it ([`KeyPoolLink`]) and
+//!   checks out through it without the map, as long as the entry is not forgotten. Lock
+//!   order: map shard, then `KeyPool::state`, then `Pool::candidates` (the keys global
+//!   eviction samples); never the other way.
 //! - `KeyPool::state` guards the idle list (LIFO), the connection count and the waiters of one
 //!   key. Connections are never dropped while it is held: dropping one frees its slot, which
 //!   takes the same lock.
-//! - Gauges and the global idle count are kept by each connection's [`Lease`].
+//! - Gauges and the global idle count are kept by each connection's [`Lease`], under the
+//!   key's lock. The idle count is striped per thread ([`IdleCount`]), so a hit writes no
+//!   cache line another key's hit writes; with `batched_metrics` neither do the gauges.
+//!   `KeyPool`s are 128-byte aligned for the same reason.
 //! - `KeyPool::stats` are relaxed atomics outside the lock (see [`crate::stats`]).
 //!
 //! Operating the pool: [`Pool::reserve_warm`] takes the slots `preconnect` dials with, the
