@@ -502,10 +502,7 @@ async fn read_pending(tls: &mut SslStream<TcpStream>) -> bool {
     tokio::task::unconstrained(std::future::poll_fn(|cx| {
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
-        Poll::Ready(match Pin::new(&mut *tls).poll_read(cx, &mut buf) {
-            Poll::Pending => false,
-            Poll::Ready(_) => true,
-        })
+        Poll::Ready(Pin::new(&mut *tls).poll_read(cx, &mut buf).is_ready())
     }))
     .await
 }
