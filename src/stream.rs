@@ -21,6 +21,9 @@ use crate::error::{Error, ErrorKind};
 use crate::pool::Lease;
 
 /// What the TLS handshake negotiated, captured once when it finished.
+///
+/// Connections of one `Connector` that negotiated the same (same leaf certificate, version,
+/// cipher, ALPN protocol and resumption) share one digest rather than hold a copy each.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SslDigest {
