@@ -14,7 +14,7 @@ use crate::metrics;
 use crate::peer::Peer;
 use crate::pool::{Checkout, Handoff, KeyPool, Limits, Pool, Refill, Slot, Warm};
 use crate::stats::{KeyStats, PeerStats};
-use crate::stream::{Connection, SslDigest, Stream, TimingDigest};
+use crate::stream::{Connection, Stream, TimingDigest};
 
 /// The longest period between two reaper passes; see `ConnectorOptions::reap_interval`.
 const MAX_REAP_INTERVAL: Duration = Duration::from_secs(3600);
@@ -528,7 +528,7 @@ impl Inner {
                 .handshake(raw, peer, key, tcp::deadline_after(start, total), resume)
                 .await?;
             let took = handshake_start.elapsed();
-            let digest = SslDigest::from_ssl(handshake.stream.ssl());
+            let digest = handshake.digest;
             if handshake.resumed {
                 m.handshake_resumed.record(took.as_secs_f64());
                 KeyStats::bump(&key_pool.stats.handshakes_resumed);
@@ -544,11 +544,7 @@ impl Inner {
                 handshake_us = took.as_micros() as u64,
                 "tls handshake done"
             );
-            (
-                Stream::Tls(handshake.stream),
-                Some(Arc::new(digest)),
-                Some(took),
-            )
+            (Stream::Tls(handshake.stream), Some(digest), Some(took))
         } else {
             (Stream::Plain(raw), None, None)
         };

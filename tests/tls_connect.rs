@@ -957,3 +957,60 @@ async fn connector_clones_share_state_and_futures_are_send() {
     assert!(conn.reused());
     assert_eq!(server.stats().accepted, 1);
 }
+
+/// Connections that negotiated the same thing share one `SslDigest` (the idle footprint of a
+/// pooled connection; BENCHMARKS.md section 4); a different certificate or a resumed session
+/// gets a digest of its own, with its own values.
+#[tokio::test]
+async fn connections_with_the_same_outcome_share_one_digest() {
+    let server = TestServer::start(Behaviour::Http);
+    let other = TestServer::builder().identity(&pki().server_b).start();
+    let connector = connector();
+    let full = trusted(server.addr()).with_session_resumption(false);
+    let a = connector.get(&full).await.unwrap();
+    let b = connector.get(&full).await.unwrap();
+    let (da, db) = (a.digest().unwrap(), b.digest().unwrap());
+    assert!(std::ptr::eq(da, db), "two full handshakes, one digest");
+    assert!(!da.session_reused);
+
+    // A resumed handshake differs in `session_reused`: a digest of its own.
+    let resuming = trusted(server.addr());
+    let first = connector.get(&resuming).await.unwrap();
+    let mut resumed = None;
+    for _ in 0..10 {
+        let conn = connector.get(&resuming).await.unwrap();
+        if conn.digest().unwrap().session_reused {
+            resumed = Some(conn);
+            break;
+        }
+        // The tickets of `first` may still be in flight; try again with what it left.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resumed = resumed.expect("a resumed handshake within ten dials");
+    assert!(!std::ptr::eq(da, resumed.digest().unwrap()));
+    assert!(
+        std::ptr::eq(da, first.digest().unwrap()),
+        "full again: shared"
+    );
+
+    // Another certificate: another digest, with that certificate's fingerprint.
+    let c = connector
+        .get(&Peer::tls(other.addr(), "localhost").with_ca(pki().ca_b()))
+        .await
+        .unwrap();
+    let dc = c.digest().unwrap();
+    assert!(!std::ptr::eq(da, dc));
+    assert_ne!(dc.cert_digest, da.cert_digest);
+    let b_fingerprint = pki()
+        .server_b
+        .cert
+        .digest(openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    assert_eq!(dc.cert_digest, b_fingerprint.to_vec());
+
+    // What the servers saw: every dial was its own connection.
+    let seen = server.wait_for(|s| s.handshakes >= 4).await;
+    assert_eq!(seen.accepted, seen.handshakes);
+    assert!(seen.resumed >= 1, "{seen:#?}");
+    assert_eq!(other.wait_for(|s| s.handshakes == 1).await.accepted, 1);
+}

@@ -25,6 +25,8 @@ extern "C" {
     fn SSL_has_pending(s: *const openssl_sys::SSL) -> c_int;
     // In libssl since 1.1.1; openssl-sys does not declare it either.
     fn SSL_SESSION_dup(src: *const openssl_sys::SSL_SESSION) -> *mut openssl_sys::SSL_SESSION;
+    // In libssl since 1.1.0; openssl-sys does not declare it either.
+    fn SSL_free_buffers(s: *mut openssl_sys::SSL) -> c_int;
     // In libssl since 1.1.1; openssl-sys does not declare it either.
     fn SSL_SESSION_get_ticket_lifetime_hint(s: *const openssl_sys::SSL_SESSION) -> c_ulong;
 }
@@ -127,6 +129,25 @@ pub(crate) fn ticket_lifetime_hint(session: &SslSessionRef) -> c_ulong {
 pub(crate) fn has_pending(ssl: &SslRef) -> bool {
     // SAFETY: a live SSL; the call only reads its buffers' state.
     unsafe { SSL_has_pending(ssl.as_ptr()) == 1 }
+}
+
+/// Frees the connection's record buffers (`SSL_free_buffers`) unless they hold data: bytes
+/// read ahead and not yet processed, or a record not completely written. Returns whether
+/// nothing is left allocated.
+///
+/// Why: `SSL_MODE_RELEASE_BUFFERS` (on in every `SslConnector`) does not cover the reads an
+/// idle connection sees. A read that finds nothing to return (the pool's liveness probe
+/// reading TLS 1.3 session tickets, or any `SSL_read` that ends in `WANT_READ`) allocates the
+/// 16.5 KiB read buffer and keeps it, and so does reading a response with read-ahead on
+/// (measured with heaptrack on OpenSSL 3.0; BENCHMARKS.md section 4). OpenSSL allocates a
+/// fresh buffer on the next read or write, so calling this between exchanges is always safe.
+pub(crate) fn free_buffers(ssl: &SslRef) -> bool {
+    // SAFETY: a live SSL owned by the caller's stream and not used concurrently (the caller
+    // holds the stream, and `SslRef` is an opaque, interior-mutable handle, so mutating it
+    // through a shared reference is sound). SSL_free_buffers checks itself that neither
+    // buffer holds pending data and leaves them alone if one does; nothing outside OpenSSL
+    // (tokio-openssl's BIO included) points into these buffers.
+    unsafe { SSL_free_buffers(ssl.as_ptr()) == 1 }
 }
 
 /// Whether a close_notify was received or sent on this connection (`SSL_get_shutdown`); the

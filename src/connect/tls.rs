@@ -22,6 +22,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::key::PeerKey;
 use crate::peer::{CaSet, Peer};
 use crate::session_cache::{Origin, SessionCache};
+use crate::stream::SslDigest;
 
 /// TLS 1.2 ciphers: forward-secret AEADs and CBC suites, nothing weak. TLS 1.3 suites are
 /// all acceptable and keep OpenSSL's default.
@@ -38,6 +39,11 @@ const X509_V_ERR_INVALID_CALL: i32 = openssl_sys::X509_V_ERR_INVALID_CALL;
 /// new one: rebuilding a store costs microseconds, while a connector fed ever-new CA sets
 /// (per-tenant configuration, say) must not grow without bound.
 const MAX_CA_STORES: usize = 256;
+
+/// Distinct handshake outcomes whose [`SslDigest`] is kept for sharing. Beyond it, one is
+/// dropped for each new one (connections keep theirs): a connector talking to more distinct
+/// certificates than this only shares less.
+const MAX_DIGESTS: usize = 1024;
 
 /// What the new-session callback needs to know about a connection: which peer key a session
 /// belongs to, and where its authentication comes from.
@@ -69,6 +75,22 @@ pub(crate) struct TlsConnector {
     stores: DashMap<Arc<[[u8; 32]]>, Arc<X509Store>>,
     sessions: Option<Arc<SessionCache>>,
     tag_index: Index<Ssl, SessionTag>,
+    /// One [`SslDigest`] per distinct outcome, shared by every connection that negotiated it:
+    /// pooled connections to one upstream all hold the same digest instead of a copy each
+    /// (about 300 bytes of the idle footprint per connection; BENCHMARKS.md section 4).
+    digests: DashMap<DigestKey, Arc<SslDigest>>,
+}
+
+/// Everything an [`SslDigest`] is computed from, without its allocations: the leaf
+/// certificate (by SHA-256; its organization and serial number follow from it), the version
+/// and cipher (OpenSSL's static names), the ALPN protocol and whether the session was reused.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct DigestKey {
+    cert: Option<[u8; 32]>,
+    version: &'static str,
+    cipher: &'static str,
+    alpn: Option<Box<[u8]>>,
+    session_reused: bool,
 }
 
 impl std::fmt::Debug for TlsConnector {
@@ -84,6 +106,8 @@ impl std::fmt::Debug for TlsConnector {
 pub(crate) struct Handshake {
     pub(crate) stream: SslStream<RawStream>,
     pub(crate) resumed: bool,
+    /// What it negotiated, shared with earlier connections that negotiated the same.
+    pub(crate) digest: Arc<SslDigest>,
 }
 
 impl TlsConnector {
@@ -156,6 +180,7 @@ impl TlsConnector {
             stores: DashMap::new(),
             sessions,
             tag_index,
+            digests: DashMap::new(),
         })
     }
 
@@ -331,9 +356,44 @@ impl TlsConnector {
                 if let (Some(session), false, Some(cache)) = (&offered, resumed, &self.sessions) {
                     cache.discard(key, session);
                 }
-                Ok(Handshake { stream, resumed })
+                let digest = self.digest_for(stream.ssl());
+                Ok(Handshake {
+                    stream,
+                    resumed,
+                    digest,
+                })
             }
         }
+    }
+}
+
+/// Shared digests.
+impl TlsConnector {
+    /// The digest of `ssl`'s finished handshake: the one already kept for the same outcome
+    /// if there is one, else a new one, kept for the next connection.
+    fn digest_for(&self, ssl: &openssl::ssl::SslRef) -> Arc<SslDigest> {
+        let cert = ssl.peer_certificate().and_then(|c| {
+            let digest = c.digest(openssl::hash::MessageDigest::sha256()).ok()?;
+            <[u8; 32]>::try_from(&digest[..]).ok()
+        });
+        let key = DigestKey {
+            cert,
+            version: ssl.version_str(),
+            cipher: ssl.current_cipher().map_or("", |c| c.name()),
+            alpn: ssl.selected_alpn_protocol().map(Box::from),
+            session_reused: ssl.session_reused(),
+        };
+        if let Some(digest) = self.digests.get(&key) {
+            return Arc::clone(&digest);
+        }
+        let digest = Arc::new(SslDigest::from_ssl(ssl));
+        if self.digests.len() >= MAX_DIGESTS {
+            let victim = self.digests.iter().next().map(|e| e.key().clone());
+            if let Some(victim) = victim {
+                self.digests.remove(&victim);
+            }
+        }
+        Arc::clone(&self.digests.entry(key).or_insert(digest))
     }
 }
 
