@@ -417,7 +417,12 @@ async fn run(args: Args) -> Result<(), Box<dyn StdError>> {
     }
     // Report a bad setting now rather than on the first request.
     upstream.key()?;
-    let connector = Connector::new(ConnectorOptions::default())?;
+    // A proxy serving many requests on several cores: let the reaper publish the pool's
+    // hit-path gauges (a lag of up to `reap_interval`) so that hits on different cores never
+    // write the same cache line (README, "Batched metrics").
+    let mut options = ConnectorOptions::default();
+    options.batched_metrics = true;
+    let connector = Connector::new(options)?;
     let listener = TcpListener::bind(args.listen).await?;
     eprintln!(
         "reverse_proxy: listening on http://{} -> https://{} ({} thread{})",
