@@ -227,6 +227,16 @@ impl Connection {
         poll_once_unbudgeted(|cx| self.read_to_classify(cx))
     }
 
+    /// Gives OpenSSL's record buffers back (unless they hold data): the connection is about
+    /// to sit idle, and an idle connection needs none (see `openssl_ext::free_buffers`).
+    /// Reads that empty the buffer free it already; this covers a caller whose last read
+    /// would have blocked. One call into OpenSSL per release of a TLS connection.
+    pub(crate) fn free_idle_buffers(&self) {
+        if let Stream::Tls(tls) = &self.inner.stream {
+            openssl_ext::free_buffers(tls.ssl());
+        }
+    }
+
     /// The slow half of [`Connection::liveness`]: something may have arrived (or the
     /// connection is shut down); read to tell what.
     fn read_to_classify(&mut self, cx: &mut Context<'_>) -> Liveness {
@@ -248,7 +258,8 @@ impl Connection {
                     // OpenSSL allocated its 16.5 KiB read buffer for this read (say, to take
                     // in session tickets) and keeps it; an idle connection needs none (see
                     // `openssl_ext::free_buffers`). Reads of an exchange free it themselves
-                    // (`poll_read` below), so the fast path above has nothing to free.
+                    // (`poll_read` below) and `release` frees what a read that would have
+                    // blocked left, so the fast path above has nothing to free.
                     Poll::Pending => {
                         openssl_ext::free_buffers(tls.ssl());
                         Liveness::Alive

@@ -464,6 +464,7 @@ impl Pool {
             tracing::debug!(peer = %conn.inner.lease.peer_description(), reason = reason.as_str(), "not pooled at release");
             return;
         }
+        conn.free_idle_buffers();
         let key_pool = Arc::clone(&conn.inner.lease.key_pool);
         let surplus = {
             let mut state = key_pool.state.lock();
