@@ -53,8 +53,9 @@ pub struct ConnectorOptions {
     pub max_idle_per_peer: usize,
     /// Idle connections kept across all peers; the least recently used is closed first (exactly
     /// up to 16 peer keys holding idle connections, beyond that the oldest of 8 keys sampled
-    /// at random, so that an eviction costs O(1) whatever the number of keys). Concurrent
-    /// releases never close more than the excess.
+    /// at random, so that an eviction costs O(1) whatever the number of keys). Exact at rest;
+    /// concurrent releases never close more than the excess between them, though a checkout
+    /// racing an eviction can make it close one connection more than needed.
     /// Defaults to 10,000 (about 200 MiB of kernel and OpenSSL state at most).
     pub max_idle_total: usize,
     /// Connections per peer key, idle + in use + dialling. At the cap, `get` waits in a FIFO
