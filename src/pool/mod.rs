@@ -299,7 +299,7 @@ impl Pool {
             });
         let (found, unusable) = match cached {
             Some(outcome) => outcome,
-            None => {
+            None => loop {
                 let entry = match self.keys.get(key) {
                     Some(entry) => entry,
                     None => self
@@ -312,11 +312,18 @@ impl Pool {
                     pool_id: self.id,
                     key_pool: Arc::clone(entry.value()),
                 });
-                // Under the shard's read lock, so the reaper cannot have removed it.
-                entry
-                    .checkout_locked(max, now, idle_timeout, min_idle)
-                    .unwrap_or_else(|| unreachable!("an entry in the map is not forgotten"))
-            }
+                // Under the shard's read lock, so the reaper (which marks an entry forgotten
+                // and removes it under the write lock) cannot have removed it and this is
+                // `Some`. Were that invariant ever broken, the forgotten entry is replaced
+                // by a new one rather than panicking or looping on it.
+                if let Some(outcome) = entry.checkout_locked(max, now, idle_timeout, min_idle) {
+                    break outcome;
+                }
+                let forgotten = Arc::clone(entry.value());
+                drop(entry);
+                self.keys
+                    .remove_if(key, |_, kp| Arc::ptr_eq(kp, &forgotten));
+            },
         };
         for conn in unusable {
             tracing::debug!(peer = %conn.inner.lease.peer_description(), "evicted at checkout");
