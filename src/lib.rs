@@ -5,7 +5,7 @@
 //! shaped the connection: address, SNI, trust, client certificate, ALPN, ...) or a freshly
 //! dialled TCP connection with an OpenSSL handshake on top, resuming a cached TLS session
 //! when an identical peer left one. Timings and negotiated parameters go to the `metrics`
-//! facade (see [`metrics`](crate::metrics) for the names).
+//! facade (see [`metrics`] for the names).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

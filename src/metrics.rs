@@ -20,7 +20,8 @@ pub const TLS_HANDSHAKE_DURATION: &str = "upstream_tls_handshake_duration_second
 pub const TLS_HANDSHAKES_TOTAL: &str = "upstream_tls_handshakes_total";
 /// Counter, label `kind` (an [`ErrorKind`] in snake_case): one per failed `get`.
 pub const CONNECT_ERRORS_TOTAL: &str = "upstream_connect_errors_total";
-/// Counter, label `reason`: one per connection closed by the pool (see [`EvictionReason`]).
+/// Counter, label `reason` = `idle_timeout` | `closed` | `unexpected_data` | `capacity` |
+/// `max_lifetime` | `max_uses` | `evicted`: one per connection closed by the pool.
 pub const EVICTIONS_TOTAL: &str = "upstream_pool_evictions_total";
 /// Gauge: connections sitting idle in the pool.
 pub const IDLE_CONNECTIONS: &str = "upstream_pool_idle_connections";
