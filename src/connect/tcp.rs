@@ -28,6 +28,7 @@ impl RawStream {
     /// Cheaper than tokio's `poll_read_ready`, which also stores a waker under the socket's
     /// waiter lock when the answer is "not ready": the pool asks at every checkout and every
     /// release, and an idle connection has nobody to wake.
+    #[inline]
     pub(crate) fn maybe_readable(&self) -> bool {
         // `try_io` runs the closure only when the readiness bits are set; `Ok` leaves them
         // set for the read that follows.

@@ -155,6 +155,7 @@ impl Lease {
     /// publishes; the gauges' shared atomics are not written. A close then takes its
     /// decrement from whichever gauge the tally says is over-reported, so that the published
     /// gauges never go below zero (see `KeyState::gauge_lag`).
+    #[inline]
     pub(crate) fn set_state(&mut self, to: LeaseState, key: &mut KeyState) {
         let from = self.state;
         if from == to {

@@ -325,10 +325,12 @@ impl Pool {
                     .remove_if(key, |_, kp| Arc::ptr_eq(kp, &forgotten));
             },
         };
-        for conn in unusable {
-            tracing::debug!(peer = %conn.inner.lease.peer_description(), "evicted at checkout");
-            // Dropped here, outside every lock.
-            drop(conn);
+        if !unusable.is_empty() {
+            for conn in unusable {
+                tracing::debug!(peer = %conn.inner.lease.peer_description(), "evicted at checkout");
+                // Dropped here, outside every lock.
+                drop(conn);
+            }
         }
         found
     }
@@ -860,6 +862,7 @@ impl KeyPool {
 
     /// Counts a reused checkout in `checkouts_total`, unless the reaper publishes it from
     /// `KeyState::reused` (`batched_metrics`).
+    #[inline]
     pub(crate) fn count_reused_checkout(&self) {
         if !self.batched_metrics {
             self.metrics.checkout_reused.increment(1);
