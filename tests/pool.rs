@@ -1047,7 +1047,7 @@ async fn a_peer_s_cached_pool_entry_follows_the_map_after_the_key_is_forgotten()
     let server = TestServer::start(Behaviour::Http);
     let peer = tls_peer(&server);
     let c = connector(|o| {
-        o.idle_timeout = Duration::from_millis(100);
+        o.idle_timeout = Duration::from_millis(300);
         o.reap_interval = Duration::from_millis(20);
         o.max_connections_per_peer = Some(1);
         o.wait_timeout = Duration::from_millis(100);
