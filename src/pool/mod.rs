@@ -28,6 +28,7 @@ mod idle_count;
 mod lease;
 mod reaper;
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -239,6 +240,47 @@ impl Drop for Warm {
 struct Idle {
     conn: Connection,
     since: Tick,
+}
+
+/// What [`Pool::release_locked`] did with a connection.
+enum Released {
+    /// Pushed onto the idle list.
+    Pooled,
+    /// Pushed, and the oldest idle connection taken out for being beyond
+    /// `max_idle_per_peer`: to be closed.
+    PooledOverCap(Connection),
+    /// Given to a waiter.
+    HandedOver,
+    /// Its key was evicted since it was dialled: to be closed.
+    Evicted(Connection),
+}
+
+thread_local! {
+    /// The key pool this thread last released a connection into (see [`with_key_pool`]).
+    static LAST_RELEASED_INTO: Cell<Option<Arc<KeyPool>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `conn`'s key pool and `conn`, without the two atomic read-modify-writes of
+/// cloning the connection's `Arc<KeyPool>` when this thread released into the same key last
+/// time.
+///
+/// Why a clone at all: the release locks the key and moves the connection into the key's
+/// list under that lock, so the lock cannot be borrowed from the connection itself. Each
+/// thread keeps the last key pool it released into (moved out of and back into a
+/// thread-local, which costs no reference count), and borrows that when it is the same key,
+/// which is every release on a hot upstream. The cached `Arc` keeps at most one key pool per
+/// thread alive a little longer than the pool would (a forgotten key's empty entry).
+fn with_key_pool<R>(conn: Connection, f: impl FnOnce(&Arc<KeyPool>, Connection) -> R) -> R {
+    // `try_with`: a connection released while this thread's locals are being destroyed
+    // just takes the clone.
+    let cached = LAST_RELEASED_INTO.try_with(Cell::take).ok().flatten();
+    let key_pool = match cached {
+        Some(cached) if Arc::ptr_eq(&cached, &conn.inner.lease.key_pool) => cached,
+        _ => Arc::clone(&conn.inner.lease.key_pool),
+    };
+    let result = f(&key_pool, conn);
+    let _ = LAST_RELEASED_INTO.try_with(|last| last.set(Some(key_pool)));
+    result
 }
 
 /// The outcome of one look at a key's pool.
@@ -474,56 +516,78 @@ impl Pool {
             return;
         }
         conn.free_idle_buffers();
-        let key_pool = Arc::clone(&conn.inner.lease.key_pool);
-        let surplus = {
-            let mut state = key_pool.state.lock();
-            // Checked under the lock `evict` bumps the epoch under, so a release racing an
-            // eviction cannot slip a connection into the list it just emptied.
-            if conn.inner.lease.epoch != state.epoch {
-                drop(state);
-                key_pool.evicted(EvictionReason::Evicted, 1);
-                tracing::debug!(peer = %key_pool.description, "evicted at release");
+        match with_key_pool(conn, |key_pool, conn| {
+            self.release_locked(key_pool, conn, now)
+        }) {
+            Released::Pooled => {}
+            Released::HandedOver => return,
+            Released::Evicted(conn) => {
+                conn.inner
+                    .lease
+                    .key_pool
+                    .evicted(EvictionReason::Evicted, 1);
+                tracing::debug!(peer = %conn.inner.lease.peer_description(), "evicted at release");
+                // Dropped here, outside the lock: it frees its slot under it.
                 drop(conn);
                 return;
             }
-            if !state.waiters.is_empty() {
-                match lease::offer_to_waiters(&mut state.waiters, Handoff::Conn(conn)) {
-                    None => {
-                        state.reused += 1;
-                        return;
-                    }
-                    Some(Handoff::Conn(back)) => conn = back,
-                    Some(Handoff::Slot(_)) => unreachable!("offer returns the value it was given"),
-                }
-            }
-            conn.inner.lease.set_state(LeaseState::Idle, &mut state);
-            state.idle.push_back(Idle { conn, since: now });
-            if !state.listed {
-                state.listed = true;
-                self.list_candidate(&key_pool);
-            }
-            if state.idle.len() > self.limits.max_idle_per_peer {
-                let mut surplus = state.idle.pop_front();
-                if let Some(surplus) = &mut surplus {
-                    surplus
-                        .conn
-                        .inner
-                        .lease
-                        .set_state(LeaseState::Closing, &mut state);
-                }
+            Released::PooledOverCap(surplus) => {
                 surplus
-            } else {
-                None
+                    .inner
+                    .lease
+                    .key_pool
+                    .metrics
+                    .evicted(EvictionReason::Capacity);
+                drop(surplus);
             }
-        };
-        if let Some(surplus) = surplus {
-            key_pool.metrics.evicted(EvictionReason::Capacity);
-            drop(surplus);
         }
         if self.idle_total.may_exceed(self.limits.max_idle_total) {
             self.evict_over_total();
         }
         self.ensure_reaper();
+    }
+
+    /// Under `key_pool`'s lock (`conn`'s key): hands `conn` to the oldest waiter, or pushes
+    /// it onto the idle list and takes the surplus beyond `max_idle_per_peer` out, or refuses
+    /// it if its key was evicted since it was dialled. What must be closed is returned, to be
+    /// dropped outside the lock.
+    fn release_locked(&self, key_pool: &Arc<KeyPool>, mut conn: Connection, now: Tick) -> Released {
+        let mut state = key_pool.state.lock();
+        // Checked under the lock `evict` bumps the epoch under, so a release racing an
+        // eviction cannot slip a connection into the list it just emptied.
+        if conn.inner.lease.epoch != state.epoch {
+            return Released::Evicted(conn);
+        }
+        if !state.waiters.is_empty() {
+            match lease::offer_to_waiters(&mut state.waiters, Handoff::Conn(conn)) {
+                None => {
+                    state.reused += 1;
+                    return Released::HandedOver;
+                }
+                Some(Handoff::Conn(back)) => conn = back,
+                Some(Handoff::Slot(_)) => unreachable!("offer returns the value it was given"),
+            }
+        }
+        conn.inner.lease.set_state(LeaseState::Idle, &mut state);
+        state.idle.push_back(Idle { conn, since: now });
+        if !state.listed {
+            state.listed = true;
+            self.list_candidate(key_pool);
+        }
+        if state.idle.len() <= self.limits.max_idle_per_peer {
+            return Released::Pooled;
+        }
+        match state.idle.pop_front() {
+            Some(mut surplus) => {
+                surplus
+                    .conn
+                    .inner
+                    .lease
+                    .set_state(LeaseState::Closing, &mut state);
+                Released::PooledOverCap(surplus.conn)
+            }
+            None => Released::Pooled,
+        }
     }
 
     /// Closes idle connections, least recently released first (approximately, see below),
