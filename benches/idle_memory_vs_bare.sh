@@ -49,13 +49,8 @@ trap cleanup EXIT
 
 # --- certificates: a CA and a leaf for localhost (EC P-256, as the tests use).
 cd "$work"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj "/CN=Bench Root" -keyout ca.key -out ca.pem 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-    -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > ext.cnf
-openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-    -extfile ext.cnf -out server.pem 2>/dev/null
+. "$root/benches/common/pki.sh"
+make_localhost_pki
 
 # --- nginx: TLS, keep-alive long enough to hold every connection through a run.
 mkdir -p "$work/nginx"
