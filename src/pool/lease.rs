@@ -183,11 +183,8 @@ impl Lease {
                 key_pool.idle_total.add(-1);
             }
             (from, LeaseState::Closing) => leave(key_pool, from, key),
-            (LeaseState::Closing, _)
-            | (LeaseState::Active, LeaseState::Active)
-            | (LeaseState::Idle, LeaseState::Idle) => {
-                debug_assert!(false, "no way back from closing");
-            }
+            // Out of `Closing`: the connection is being closed (same-state moves returned above).
+            _ => debug_assert!(false, "no way back from closing"),
         }
         self.state = to;
     }
